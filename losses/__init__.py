@@ -1,0 +1,29 @@
+"""Loss terms and the weighted objective (usable alone, without the trainer)."""
+
+from lowbit.losses.objective import Objective, build_objective
+from lowbit.losses.registry import Registry, UnknownChoiceError
+from lowbit.losses.terms import (
+    IGNORE_INDEX,
+    LOSS_TERMS,
+    CrossEntropyTerm,
+    LossInputs,
+    LossTerm,
+    count_target_tokens,
+    cross_entropy_mean,
+    next_token_pairs,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSS_TERMS",
+    "CrossEntropyTerm",
+    "LossInputs",
+    "LossTerm",
+    "Objective",
+    "Registry",
+    "UnknownChoiceError",
+    "build_objective",
+    "count_target_tokens",
+    "cross_entropy_mean",
+    "next_token_pairs",
+]

@@ -1,0 +1,84 @@
+"""Loss terms: each an ``nn.Module`` that returns a *sum over valid target tokens*.
+
+Why sums: a step may span several micro-batches and ranks whose valid-token counts differ
+(masked prompts, padding). Summing per term and dividing once by the global count makes the
+loss — and so the gradient — independent of how the global batch was split, which is what lets a
+2-process run reproduce a 1-process run step for step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit.losses.registry import Registry
+
+IGNORE_INDEX = -100
+
+LOSS_TERMS: Registry[LossTerm] = Registry("loss term")
+
+
+@dataclass
+class LossInputs:
+    """What a model forward produced for one micro-batch, handed to every loss term.
+
+    ``labels`` are aligned with ``input_ids`` (not shifted): position t's logits predict label t+1.
+    Later terms (distillation) read the optional teacher fields.
+    """
+
+    labels: Tensor
+    student_logits: Tensor | None = None
+    teacher_logits: Tensor | None = None
+
+
+def count_target_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Number of next-token targets that count towards the loss in a batch of labels."""
+    return (labels[..., 1:] != ignore_index).sum()
+
+
+def next_token_pairs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Flatten logits at positions 0..L-2 and the labels they predict (1..L-1)."""
+    vocab = logits.shape[-1]
+    return logits[..., :-1, :].reshape(-1, vocab), labels[..., 1:].reshape(-1)
+
+
+class LossTerm(nn.Module):
+    """Base class: ``forward(inputs) -> Tensor`` (a scalar sum over valid target tokens)."""
+
+    #: Which ``LossInputs`` fields the term reads; the trainer computes only what is needed.
+    needs: frozenset[str] = frozenset({"student_logits"})
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+
+@LOSS_TERMS.register("ce")
+class CrossEntropyTerm(LossTerm):
+    """Next-token cross-entropy on the hard labels, log-softmax in fp32."""
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        if inputs.student_logits is None:
+            raise ValueError("the 'ce' loss term needs the student's logits")
+        logits, targets = next_token_pairs(inputs.student_logits, inputs.labels)
+        return F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index, reduction="sum")
+
+
+def cross_entropy_mean(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean next-token cross-entropy over valid tokens (a convenience for notebooks and eval)."""
+    total = CrossEntropyTerm(ignore_index)(LossInputs(labels=labels, student_logits=logits))
+    return total / count_target_tokens(labels, ignore_index).clamp_min(1)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSS_TERMS",
+    "CrossEntropyTerm",
+    "LossInputs",
+    "LossTerm",
+    "count_target_tokens",
+    "cross_entropy_mean",
+    "next_token_pairs",
+]

@@ -1,0 +1,54 @@
+"""Shared fixtures: the tiny recipe with overrides, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+TINY_CORPUS = ROOT / "configs" / "data" / "tiny_corpus.txt"
+
+
+def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
+    """Overrides that make the tiny recipe fast, quiet and independent of the working directory."""
+    return [
+        f"run.output_dir={run_dir}",
+        f"data.train_files=[{TINY_CORPUS}]",
+        "log.progress=none",
+        "eval.at_start=false",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """``tiny_config(*overrides)`` -> RunConfig of the tiny recipe writing under tmp_path/run."""
+    from lowbit.trainer.config import load_config
+
+    def make(*extra: str, run_dir: Path | None = None):
+        return load_config(TINY, tiny_overrides(run_dir or tmp_path / "run", *extra))
+
+    return make
+
+
+def run_cli(
+    *args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m lowbit.trainer ARGS`` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "lowbit.trainer", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

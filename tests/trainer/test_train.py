@@ -1,0 +1,209 @@
+"""End-to-end training on the tiny recipe: learning, exact resume after SIGKILL, eval, W&B, plugins."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowbit.trainer.errors import UserError
+from lowbit.trainer.loop import Trainer, train
+from tests.conftest import TINY, run_cli, tiny_overrides
+
+KILL_HOOK = '''
+import os, signal
+from lowbit.trainer.hooks import HOOKS, StepHook
+
+@HOOKS.register("sigkill_at_step")
+class SigkillAtStep(StepHook):
+    """Kills its own process with SIGKILL after a given step: a crash no handler can soften."""
+    def __init__(self, step: int):
+        self.step = step
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def metric_lines(run_dir, key="loss"):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if key in line]
+
+
+def final_weights(run_dir):
+    newest = sorted((run_dir / "checkpoints").glob("checkpoint-*"))[-1]
+    return load_file(newest / "model.safetensors")
+
+
+def test_tiny_model_loss_falls_over_30_steps(tiny_config):
+    cfg = tiny_config(
+        "train.max_steps=30", "eval.every_steps=0", "eval.at_start=true", "checkpoint.every_steps=0"
+    )
+    result = train(cfg)
+    losses = [line["loss"] for line in metric_lines(cfg_run_dir(cfg))]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    evals = metric_lines(cfg_run_dir(cfg), "val_loss")
+    assert [e["step"] for e in evals] == [0, 30]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    assert result["eval"]["val_ppl"] == pytest.approx(
+        torch.tensor(evals[1]["val_loss"]).exp().item(), rel=1e-6
+    )
+
+
+def cfg_run_dir(cfg):
+    return Path(cfg.run.output_dir)
+
+
+def test_sigkill_mid_training_resumes_to_identical_weights(tmp_path):
+    plugin = tmp_path / "kill_hook.py"
+    plugin.write_text(KILL_HOOK)
+    common = [
+        "train.max_steps=10",
+        "train.warmup_steps=2",
+        "checkpoint.every_steps=3",
+        "eval.every_steps=0",
+        "train.micro_batch_size=4",
+        "train.grad_accum_steps=2",
+        f"imports=[{plugin}]",
+    ]
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    done = run_cli("train", str(TINY), *tiny_overrides(reference_dir, *common))
+    assert done.returncode == 0, done.stderr
+
+    killed = run_cli(
+        "train", str(TINY), *tiny_overrides(killed_dir, *common, "hooks=[{kind: sigkill_at_step, step: 7}]")
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert [line["step"] for line in metric_lines(killed_dir)] == list(range(1, 8))
+
+    resumed = run_cli("train", str(TINY), *tiny_overrides(killed_dir, *common))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "checkpoint-000006" in resumed.stderr
+
+    reference, recovered = final_weights(reference_dir), final_weights(killed_dir)
+    assert reference.keys() == recovered.keys()
+    for name in reference:
+        assert torch.equal(reference[name], recovered[name]), name
+    # The metrics file holds each step once, with the losses of the uninterrupted run.
+    assert [line["step"] for line in metric_lines(killed_dir)] == list(range(1, 11))
+    assert [line["loss"] for line in metric_lines(killed_dir)] == [
+        line["loss"] for line in metric_lines(reference_dir)
+    ]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_config, caplog):
+    cfg = tiny_config(
+        "train.max_steps=4", "train.warmup_steps=0", "checkpoint.every_steps=2", "eval.every_steps=0"
+    )
+    train(cfg)
+    run_dir = cfg_run_dir(cfg)
+    newest = run_dir / "checkpoints" / "checkpoint-000004"
+    (newest / "optimizer.pt").write_bytes(b"garbage")
+    with caplog.at_level("WARNING", logger="lowbit"):
+        resumed = Trainer(
+            tiny_config("train.max_steps=5", "train.warmup_steps=0", "checkpoint.every_steps=2")
+        )
+    assert resumed.step == 2
+    assert "skipping checkpoint" in caplog.text and "optimizer.pt has 7 bytes" in caplog.text
+    resumed.close()
+
+
+def test_resume_never_refuses_to_overwrite_a_run(tiny_config):
+    cfg = tiny_config("train.max_steps=2", "train.warmup_steps=0")
+    train(cfg)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        Trainer(tiny_config("train.max_steps=2", "train.warmup_steps=0", "checkpoint.resume=never"))
+
+
+def test_eval_cli_reports_the_trained_checkpoint(tiny_config, tmp_path):
+    cfg = tiny_config("train.max_steps=6", "train.warmup_steps=0", "eval.every_steps=0")
+    result = train(cfg)
+    done = run_cli("eval", cfg.run.output_dir)
+    assert done.returncode == 0, done.stderr
+    assert "checkpoint-000006" in done.stdout
+    assert f"val_ppl {result['eval']['val_ppl']:.3f}" in done.stdout
+    missing = run_cli("eval", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_instruction_data_and_pretrained_directory(tmp_path, tiny_config):
+    from lowbit.trainer.byte_tokenizer import byte_tokenizer
+    from lowbit.trainer.config import load_config
+
+    # A "pretrained" model directory: the tiny model saved with its tokenizer.
+    trained = tiny_config("train.max_steps=2", "train.warmup_steps=0", run_dir=tmp_path / "base")
+    trainer = Trainer(trained)
+    model_dir = tmp_path / "hf"
+    trainer.strategy.unwrap(trainer.parts.model).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    trainer.close()
+    chat = tmp_path / "chat.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"say {i}"},
+                {"role": "assistant", "content": f"{i} " * (i % 5 + 1)},
+            ]
+        }
+        for i in range(40)
+    ]
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(
+        TINY,
+        [
+            f"run.output_dir={tmp_path / 'sft'}",
+            "log.progress=none",
+            "model.config=null",
+            "model.tokenizer=null",
+            f"model.path={model_dir}",
+            f"data.train_files=[{chat}]",
+            "data.seq_len=32",
+            "train.max_steps=3",
+            "train.warmup_steps=0",
+            "eval.every_steps=0",
+            "eval.at_start=false",
+        ],
+    )
+    result = train(cfg)
+    assert result["step"] == 3 and result["eval"]["val_tokens"] > 0
+
+
+def test_wandb_offline_writes_a_run_and_unreachable_online_never_stops_training(tiny_config, tmp_path):
+    offline = tiny_config(
+        "train.max_steps=2", "train.warmup_steps=0", "log.wandb.mode=offline", run_dir=tmp_path / "off"
+    )
+    train(offline)
+    assert list((tmp_path / "off" / "wandb").glob("offline-run-*/run-*.wandb"))
+    env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "a" * 40}
+    done = run_cli(
+        "train",
+        str(TINY),
+        *tiny_overrides(
+            tmp_path / "on",
+            "train.max_steps=2",
+            "train.warmup_steps=0",
+            "log.wandb.mode=online",
+            "log.wandb.init_timeout_s=3",
+        ),
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "W&B could not start" in done.stderr and "training continues without it" in done.stderr
+    assert len(metric_lines(tmp_path / "on")) == 2
+
+
+def test_unknown_hook_and_missing_plugin_are_user_errors(tiny_config):
+    with pytest.raises(UserError, match="unknown hook 'nope'"):
+        Trainer(tiny_config("hooks=[{kind: nope}]"))
+    with pytest.raises(UserError, match="imports: cannot import 'no_such_plugin_mod'"):
+        Trainer(tiny_config("imports=[no_such_plugin_mod]"))
+
+
+def test_python_dash_m_runs_the_cli():
+    done = run_cli("--help")
+    assert done.returncode == 0 and "train" in done.stdout and "eval" in done.stdout

@@ -1,0 +1,123 @@
+"""Build everything a run needs from a ``RunConfig``: strategy, model, data, objective, optimizer.
+
+Kept apart from the loop so that ``lowbit eval`` and tests can build the same pieces.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.losses import Objective, build_objective
+from lowbit.trainer.config import RunConfig
+from lowbit.trainer.data import Examples, StepBatches, load_splits
+from lowbit.trainer.errors import UserError
+from lowbit.trainer.hooks import StepHook, build_hooks
+from lowbit.trainer.model import build_model, build_tokenizer, resolve_model_dir
+from lowbit.trainer.optim import build_optimizer, build_scheduler
+from lowbit.trainer.strategies import Strategy
+
+
+def import_plugins(imports: list[str]) -> None:
+    """Import user modules (dotted names or .py paths) so their registry entries exist."""
+    for name in imports:
+        try:
+            if name.endswith(".py"):
+                path = Path(name)
+                if not path.is_file():
+                    raise UserError(f"imports: {name} does not exist")
+                spec = importlib.util.spec_from_file_location(f"lowbit_plugin_{path.stem}", path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            raise UserError(f"imports: cannot import {name!r} ({error})") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class ModelAndData:
+    tokenizer: object
+    model: nn.Module
+    train: Examples
+    val: Examples | None
+
+
+def build_model_and_data(cfg: RunConfig, strategy: Strategy) -> ModelAndData:
+    """Tokenizer, unwrapped model on CPU, and tokenized splits."""
+    model_dir = None
+    if strategy.is_main:  # a GGUF is converted once, by rank 0, before the others read the cache
+        model_dir = resolve_model_dir(cfg.model)
+    strategy.barrier()
+    if not strategy.is_main:
+        model_dir = resolve_model_dir(cfg.model)
+    tokenizer = build_tokenizer(cfg.model, model_dir)
+    model = build_model(cfg.model, model_dir, cfg.train.seed, len(tokenizer))
+    train, val = load_splits(cfg.data, tokenizer, cfg.train.seed)
+    return ModelAndData(tokenizer, model, train, val)
+
+
+@dataclass
+class Components:
+    """The built pieces of a training run."""
+
+    strategy: Strategy
+    tokenizer: object
+    model: nn.Module  # wrapped by the strategy
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_batches: StepBatches
+    val: Examples | None
+    hooks: list[StepHook]
+
+
+def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
+    import_plugins(cfg.imports)
+    seed_everything(cfg.train.seed)
+    try:
+        objective = build_objective(cfg.loss)
+        hooks = build_hooks(cfg.hooks)
+    except (ValueError, TypeError) as error:  # bad term/hook names or fields from the config
+        raise UserError(f"loss/hooks: {error}") from None
+    built = build_model_and_data(cfg, strategy)
+    model = strategy.wrap(built.model)
+    objective.to(strategy.device)
+    optimizer = build_optimizer(model, cfg.train)
+    batches = StepBatches(
+        built.train,
+        cfg.train.micro_batch_size,
+        cfg.train.grad_accum_steps,
+        strategy.world_size,
+        strategy.rank,
+        cfg.train.seed,
+    )
+    # Different ranks draw different dropout masks; model init above used the shared seed.
+    seed_everything(cfg.train.seed + strategy.rank)
+    return Components(
+        strategy,
+        built.tokenizer,
+        model,
+        objective,
+        optimizer,
+        build_scheduler(optimizer, cfg.train),
+        batches,
+        built.val,
+        hooks,
+    )

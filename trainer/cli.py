@@ -1,0 +1,129 @@
+"""The ``lowbit`` command: train, config, eval.
+
+Imports stay inside the commands so ``lowbit --help`` starts fast and never loads torch, W&B,
+DeepSpeed or bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lowbit.trainer.errors import EXIT_USER_ERROR, UserError
+
+EPILOG = """examples:
+  lowbit train configs/tiny.yaml train.max_steps=50
+  lowbit train --nproc-per-node 2 configs/tiny.yaml
+  lowbit config configs/quickstart.yaml train.lr=1e-4
+  lowbit eval runs/tiny
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Train small low-bit LLMs: QAT, distillation, QLoRA, BitNet; export to packed formats.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = commands.add_parser("train", help="train from a YAML recipe (+ key=value overrides)")
+    train.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N local processes through torch's elastic launcher (as torchrun does)",
+    )
+    train.add_argument("config", help="YAML recipe, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    show = commands.add_parser("config", help="print the resolved config as YAML")
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    evaluate = commands.add_parser("eval", help="validation loss and perplexity of a model or run")
+    evaluate.add_argument("target", help="a YAML recipe, a run directory or a checkpoint directory")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def _launch_local(nproc: int, config: str, overrides: list[str]) -> int:
+    """Re-run ``lowbit train`` in ``nproc`` processes via torch.distributed.run (torchrun)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(
+        [
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--module",
+            "lowbit.trainer",
+            "train",
+            config,
+            *overrides,
+        ]
+    )
+    try:
+        run(args)
+    except ChildFailedError as error:
+        codes = [failure.exitcode for failure in error.failures.values()]
+        return EXIT_USER_ERROR if EXIT_USER_ERROR in codes else max(1, *codes)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.nproc_per_node < 1:
+        raise UserError("--nproc-per-node must be at least 1")
+    from lowbit.trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors are reported before any heavy import
+    if args.nproc_per_node > 1:
+        return _launch_local(args.nproc_per_node, args.config, args.overrides)
+    from lowbit.trainer.loggers import format_metrics
+    from lowbit.trainer.loop import train
+
+    result = train(cfg)
+    if result["eval"] and os.environ.get("RANK", "0") == "0":
+        print(f"final step {result['step']}: {format_metrics(result['eval'])}")
+        if result["first_eval"]:
+            before, after = result["first_eval"]["val_ppl"], result["eval"]["val_ppl"]
+            print(f"validation perplexity: {before:.2f} before -> {after:.2f} after training")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from lowbit.trainer.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lowbit.trainer.evaluate_cli import evaluate_target
+
+    result = evaluate_target(Path(args.target), args.overrides)
+    if result:
+        print(
+            f"{result['source']}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.3f}  "
+            f"tokens {result['val_tokens']:,}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"train": _train, "config": _config, "eval": _eval}[args.command]
+    try:
+        return command(args)
+    except UserError as error:
+        print(f"lowbit {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    """Console script: exit with ``main``'s code."""
+    sys.exit(main())

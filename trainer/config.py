@@ -1,0 +1,321 @@
+"""The run configuration: a typed schema, YAML recipes with ``defaults:``, CLI overrides.
+
+Merge order: schema defaults ← each ``defaults:`` file (recursively, in order) ← the recipe ←
+``key=value`` overrides. Every merge is done on its own so an error names the file (or the
+command line) and the key, keeping OmegaConf's "Did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional  # noqa: UP035 - OmegaConf needs typing generics
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lowbit.trainer.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """The student model."""
+
+    path: Optional[str] = None
+    """A local Hugging Face directory (safetensors) or a ``.gguf`` file (loaded dequantized)."""
+    config: Optional[dict[str, Any]] = None
+    """A transformers config dict (``model_type: llama, hidden_size: 64, ...``): builds a random model."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory, or ``byte`` for the built-in byte-level tokenizer. Default: ``path``."""
+    dtype: str = "fp32"
+    """Weight dtype: fp32 | bf16 | fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    trust_remote_code: bool = False
+    """Allow a model directory to run its own Python code (off unless you trust it)."""
+
+
+@dataclass
+class DataConfig:
+    """Training and validation data."""
+
+    train_files: list[str] = MISSING
+    """Files or globs: .txt, .jsonl, .json, .parquet, or a `datasets.save_to_disk` directory."""
+    val_files: list[str] = field(default_factory=list)
+    """Validation files; when empty, ``val_fraction`` of the training examples is held out."""
+    val_fraction: float = 0.05
+    """Share of training examples held out for validation when ``val_files`` is empty."""
+    max_val_examples: Optional[int] = None
+    """Cap on validation examples (sequences), to bound eval time."""
+    seq_len: int = 512
+    """Tokens per training sequence."""
+    format: str = "auto"
+    """text (packed) | instruction (prompt/response) | chat (messages) | auto (from the fields)."""
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    truncation: str = "error"
+    """An instruction example longer than seq_len: error | truncate | drop."""
+    max_documents: Optional[int] = None
+    """Use only the first N documents of the training files (quick experiments)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; global batch = micro_batch_size × grad_accum_steps × ranks."""
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine and linear schedules)."""
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    """cosine | linear | constant (after warmup)."""
+    weight_decay: float = 0.01
+    """AdamW decay, applied to matrices only (not to biases, norms or embeddings' 1-D params)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm; 0 disables clipping."""
+    precision: str = "fp32"
+    """Autocast: fp32 (off) | bf16."""
+    seed: int = 42
+    """Seeds model init, data shuffling and every RNG."""
+
+
+@dataclass
+class EvalConfig:
+    """Validation loss and perplexity."""
+
+    every_steps: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    at_start: bool = False
+    """Also evaluate before the first step (the 'before' perplexity)."""
+    batch_size: Optional[int] = None
+    """Sequences per eval forward; default: train.micro_batch_size."""
+
+
+@dataclass
+class RunSection:
+    """Where a run writes."""
+
+    output_dir: str = "runs/default"
+    """The run directory: resolved config, metrics.jsonl, checkpoints/."""
+    name: Optional[str] = None
+    """Run name (W&B and console); default: the directory name."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Keep the newest K complete checkpoints."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in the run dir, if any) | never | a checkpoint directory."""
+    save_final: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    """disabled | offline | online. An unreachable server never stops training."""
+    project: str = "lowbit"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    init_timeout_s: float = 60.0
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 1
+    """Write a metrics line every N steps."""
+    progress: str = "auto"
+    """bar | lines | none | auto (bar on a terminal, lines otherwise)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "auto"
+    """auto (ddp under torchrun with >1 process, else single) | single | ddp."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    timeout_s: int = 1800
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Recipes in ``configs/`` fill it; ``lowbit config`` prints it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunSection = field(default_factory=RunSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    loss: list[dict[str, Any]] = field(default_factory=lambda: [{"kind": "ce", "weight": 1.0}])
+    """Weighted loss terms: ``[{kind: ce, weight: 1.0}, ...]``."""
+    hooks: list[dict[str, Any]] = field(default_factory=list)
+    """Step hooks: ``[{kind: NAME, ...fields}]``."""
+    imports: list[str] = field(default_factory=list)
+    """Python modules or .py files imported before building, to register your own terms/hooks."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("fp32", "bf16", "fp16"),
+    "data.format": ("auto", "text", "instruction", "chat"),
+    "data.truncation": ("error", "truncate", "drop"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.precision": ("fp32", "bf16"),
+    "log.progress": ("auto", "bar", "lines", "none"),
+    "log.wandb.mode": ("disabled", "offline", "online"),
+    "strategy.backend": ("auto", "nccl", "gloo"),
+    "strategy.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _package_dir(name: str) -> str:
+    """``${pkg:NAME}``: the directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"${{pkg:{name}}}: no installed package named {name!r}; pip install it first")
+    return str(Path(list(spec.submodule_search_locations)[0]))
+
+
+if not OmegaConf.has_resolver("pkg"):
+    # omegaconf 2.4 renamed register_new_resolver (still present, deprecated); 2.3 has only the old name.
+    getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("pkg", _package_dir)
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    message = getattr(error, "msg", None) or str(error).splitlines()[0]
+    return f"{key}: {message}" if key else message
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """Return (source name, config) for ``path`` and, before it, its ``defaults:`` files."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise UserError(f"{path}: `defaults:` files include each other in a cycle: {cycle}")
+    if not path.is_file():
+        where = f" (listed in `defaults:` of {chain[-1]})" if chain else ""
+        raise UserError(f"config file {path} does not exist{where}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and friends: report, don't trace
+        raise UserError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(loaded, DictConfig):
+        raise UserError(f"{path}: a config file must be a mapping of sections, got a list")
+    sources: list[tuple[str, DictConfig]] = []
+    defaults = loaded.pop("defaults", [])
+    if isinstance(defaults, str) or not all(isinstance(d, str) for d in defaults):
+        raise UserError(f"{path}: `defaults:` must be a list of YAML file paths (relative to this file)")
+    for entry in defaults:
+        sources += _read_yaml(path.parent / entry, (*chain, path))
+    sources.append((str(path), loaded))
+    return sources
+
+
+def _get(cfg: RunConfig, dotted_key: str) -> Any:
+    return functools.reduce(getattr, dotted_key.split("."), cfg)
+
+
+def _validate(cfg: RunConfig, source: str) -> None:
+    def fail(message: str) -> None:
+        raise UserError(f"{source}: {message}")
+
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            fail(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
+    if (cfg.model.path is None) == (cfg.model.config is None):
+        fail("set exactly one of model.path (a pretrained model) or model.config (a random model)")
+    if cfg.model.config is not None and "model_type" not in cfg.model.config:
+        fail("model.config needs a model_type (e.g. llama)")
+    if not cfg.data.train_files:
+        fail("data.train_files is empty; list at least one file or glob")
+    if cfg.data.seq_len < 2:
+        fail(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        fail(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps"):
+        if getattr(cfg.train, key) < 1:
+            fail(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
+    if cfg.train.lr <= 0:
+        fail(f"train.lr must be positive, got {cfg.train.lr}")
+    if not 0 <= cfg.train.warmup_steps < cfg.train.max_steps:
+        fail(
+            f"train.warmup_steps ({cfg.train.warmup_steps}) must be below train.max_steps ({cfg.train.max_steps})"
+        )
+    if len(cfg.train.betas) != 2:
+        fail(f"train.betas needs two numbers, got {list(cfg.train.betas)}")
+    if cfg.checkpoint.keep_last < 1:
+        fail("checkpoint.keep_last must be at least 1")
+    for key in ("eval.every_steps", "checkpoint.every_steps"):
+        if _get(cfg, key) < 0:
+            fail(f"{key} must be 0 (off) or positive")
+    if not cfg.loss:
+        fail("loss is empty; e.g. loss: [{kind: ce, weight: 1.0}]")
+    for entry in (*cfg.loss, *cfg.hooks):
+        if "kind" not in entry:
+            fail(f"every loss term and hook needs a `kind`, got {dict(entry)}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a recipe (with its ``defaults:``) and ``key=value`` overrides onto the schema.
+
+    Raises:
+        UserError: naming the file (or "command line") and the key for every problem.
+    """
+    merged = OmegaConf.structured(RunConfig)
+    sources = _read_yaml(Path(path)) if path is not None else []
+    for bad in [o for o in overrides if "=" not in o]:
+        raise UserError(f"command line: override {bad!r} is not of the form key=value")
+    try:
+        sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    except Exception as error:  # YAML syntax in a value
+        raise UserError(f"command line: cannot parse the overrides {list(overrides)}: {error}") from None
+    for source, cfg in sources:
+        try:
+            merged = OmegaConf.merge(merged, cfg)
+        except OmegaConfBaseException as error:
+            raise UserError(f"{source}: {_describe(error)}") from None
+    last_source = str(path) if path is not None else "command line"
+    if path is not None and overrides:
+        last_source += " (with command-line overrides)"
+    try:
+        OmegaConf.resolve(merged)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise UserError(f"{last_source}: required value(s) missing: {', '.join(missing)}")
+        run_config: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as error:
+        raise UserError(f"{last_source}: {_describe(error)}") from None
+    _validate(run_config, last_source)
+    return run_config
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what ``lowbit config`` prints and every run dir stores)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain containers (for W&B and JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]

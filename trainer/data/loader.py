@@ -1,0 +1,65 @@
+"""Deterministic, rank-aware batching that resumes exactly from a step number.
+
+The order of examples is a function of (seed, position) only: epoch ``e`` is
+``randperm(N, seed + e)`` and the global batch of step ``s`` takes positions
+``[s·G, (s+1)·G)`` with ``G = micro_batch_size × grad_accum_steps × world_size``. Rank ``r``'s
+micro-batch ``m`` is a fixed slice of that batch. So the global batch does not depend on how many
+ranks share it — a 2-process run sees the same examples per step as a 1-process run — and a
+resumed run needs only the step to continue where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lowbit.trainer.data.examples import Examples
+
+
+@dataclass
+class StepBatches:
+    """Yields the micro-batches one rank computes for one optimizer step."""
+
+    examples: Examples
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    rank: int
+    seed: int
+    _orders: dict[int, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    def _order(self, epoch: int) -> Tensor:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._orders = {epoch: torch.randperm(len(self.examples), generator=generator)}
+        return self._orders[epoch]
+
+    def indices(self, position: int, count: int) -> list[int]:
+        """Example indices at global positions ``[position, position + count)`` (wrapping epochs)."""
+        size = len(self.examples)
+        return [int(self._order(p // size)[p % size]) for p in range(position, position + count)]
+
+    def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
+        """This rank's ``grad_accum_steps`` micro-batches of step ``step`` (0-based)."""
+        start = step * self.global_batch_size
+        batches = []
+        for micro in range(self.grad_accum_steps):
+            offset = start + (micro * self.world_size + self.rank) * self.micro_batch_size
+            batches.append(self.examples.batch(self.indices(offset, self.micro_batch_size)))
+        return batches
+
+    def position(self, step: int) -> int:
+        """Examples consumed globally before ``step`` (stored in checkpoints)."""
+        return step * self.global_batch_size
+
+
+def eval_batches(examples: Examples, batch_size: int, world_size: int, rank: int) -> list[dict[str, Tensor]]:
+    """This rank's share (every ``world_size``-th example) of the validation set, in batches."""
+    mine = list(range(rank, len(examples), world_size))
+    return [examples.batch(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
