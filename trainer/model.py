@@ -96,6 +96,18 @@ def build_tokenizer(model_cfg: ModelConfig, model_dir: Path | None):
     return tokenizer
 
 
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in backward (non-reentrant, works with frozen inputs).
+
+    transformers 5.2x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``;
+    older releases (the GPU image runs 5.17) have only the first.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_model(
     model_cfg: ModelConfig, model_dir: Path | None, seed: int, vocab_needed: int
 ) -> PreTrainedModel:
@@ -121,6 +133,6 @@ def build_model(
             "use the model's own tokenizer or raise vocab_size in model.config"
         )
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False
     return model

@@ -207,3 +207,19 @@ def test_unknown_hook_and_missing_plugin_are_user_errors(tiny_config):
 def test_python_dash_m_runs_the_cli():
     done = run_cli("--help")
     assert done.returncode == 0 and "train" in done.stdout and "eval" in done.stdout
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_bf16_autocast_trains(tiny_config, tmp_path):
+    common = ("train.max_steps=4", "train.warmup_steps=0", "eval.every_steps=0", "checkpoint.save_final=false")
+    plain = train(tiny_config(*common, run_dir=tmp_path / "plain"))
+    recomputed = train(tiny_config(*common, "model.gradient_checkpointing=true", run_dir=tmp_path / "gc"))
+    plain_losses = [line["loss"] for line in metric_lines(tmp_path / "plain")]
+    gc_losses = [line["loss"] for line in metric_lines(tmp_path / "gc")]
+    assert gc_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6)
+    assert recomputed["eval"]["val_loss"] == pytest.approx(plain["eval"]["val_loss"], rel=1e-5)
+    bf16 = train(tiny_config(*common, "train.precision=bf16", run_dir=tmp_path / "bf16"))
+    bf16_losses = [line["loss"] for line in metric_lines(tmp_path / "bf16")]
+    assert bf16_losses[-1] < bf16_losses[0]
+    assert bf16_losses != plain_losses  # autocast really ran in bf16
+    assert bf16_losses == pytest.approx(plain_losses, rel=0.05)
+    assert bf16["eval"]["val_loss"] == pytest.approx(plain["eval"]["val_loss"], rel=0.05)
