@@ -210,7 +210,12 @@ def test_python_dash_m_runs_the_cli():
 
 
 def test_gradient_checkpointing_gives_the_same_losses_and_bf16_autocast_trains(tiny_config, tmp_path):
-    common = ("train.max_steps=4", "train.warmup_steps=0", "eval.every_steps=0", "checkpoint.save_final=false")
+    common = (
+        "train.max_steps=4",
+        "train.warmup_steps=0",
+        "eval.every_steps=0",
+        "checkpoint.save_final=false",
+    )
     plain = train(tiny_config(*common, run_dir=tmp_path / "plain"))
     recomputed = train(tiny_config(*common, "model.gradient_checkpointing=true", run_dir=tmp_path / "gc"))
     plain_losses = [line["loss"] for line in metric_lines(tmp_path / "plain")]
