@@ -1,4 +1,45 @@
-"""Quantization: specs, fake-quant modules, conversion to integer codes, bit packing, exporters.
+"""Quantization: specs, fake-quant functions and modules, rules, conversion to integer codes.
 
-The trainer imports this package only when a config has a ``quant`` section.
+Usable alone::
+
+    from lowbit.quant import QuantSpec, fake_quantize, quantize_model, convert
+    w_hat = fake_quantize(w, QuantSpec.preset("gguf_q4_0"))
+    quantize_model(model, [{"match": "*", "weight": "w4a8", "activation": "w4a8"}])
 """
+
+from lowbit.quant.apply import (
+    QuantRule,
+    freeze_scales,
+    quantize_model,
+    quantizers,
+    set_quantizers_enabled,
+    summary_table,
+)
+from lowbit.quant.convert import QuantizedWeight, convert, convert_weight
+from lowbit.quant.fake_quant import fake_quantize, learned_fake_quantize
+from lowbit.quant.grids import NF4_CODE, QParams
+from lowbit.quant.modules import FakeQuantEmbedding, FakeQuantizer, FakeQuantLinear
+from lowbit.quant.spec import DTYPES, GRANULARITIES, PRESETS, QuantSpec
+
+__all__ = [
+    "DTYPES",
+    "GRANULARITIES",
+    "NF4_CODE",
+    "PRESETS",
+    "FakeQuantEmbedding",
+    "FakeQuantLinear",
+    "FakeQuantizer",
+    "QParams",
+    "QuantRule",
+    "QuantSpec",
+    "QuantizedWeight",
+    "convert",
+    "convert_weight",
+    "fake_quantize",
+    "freeze_scales",
+    "learned_fake_quantize",
+    "quantize_model",
+    "quantizers",
+    "set_quantizers_enabled",
+    "summary_table",
+]

@@ -1,0 +1,191 @@
+"""Fake-quant modules: a ``FakeQuantizer`` per tensor, and the layers that use them.
+
+``FakeQuantLinear`` subclasses ``nn.Linear`` (so anything that checks ``isinstance(m,
+nn.Linear)`` — LoRA, FSDP wrapping policies — still sees a linear) and quantizes its weight and,
+optionally, its input activations. ``from_linear``/``to_linear`` swap in and out; transformers'
+GPT-2-style ``Conv1D`` (weight stored ``[in, out]``) is accepted by ``from_linear`` too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit.quant.fake_quant import (
+    fake_quantize,
+    fake_quantize_cached,
+    initial_scale,
+    inside_mask,
+    learned_codes,
+    learned_fake_quantize,
+)
+from lowbit.quant.grids import QParams, block_len, fake_quantize_blocks, to_blocks
+from lowbit.quant.spec import QuantSpec
+
+
+class FakeQuantizer(nn.Module):
+    """Fake-quantizes one tensor by ``spec``; ``enabled=False`` makes it the identity.
+
+    With ``spec.learn_scale`` it owns the learned ``scale`` (and LSQ+ ``offset``) parameters,
+    initialised from the tensor given at construction (a weight).
+    """
+
+    def __init__(self, spec: QuantSpec, init_from: Tensor | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.enabled = True
+        self.scale: nn.Parameter | None = None
+        self.offset: nn.Parameter | None = None
+        if spec.learn_scale:
+            if init_from is None:
+                raise ValueError(
+                    "a learned-scale quantizer needs the tensor it quantizes to initialise its scale"
+                )
+            scale, offset = initial_scale(init_from, spec)
+            self.scale = nn.Parameter(scale)
+            self.offset = nn.Parameter(offset) if offset is not None else None
+
+    def freeze_scales(self) -> None:
+        """Stop learning the scale/offset (they keep their current values)."""
+        for param in (self.scale, self.offset):
+            if param is not None:
+                param.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self.scale is not None:
+            return learned_fake_quantize(x, self.scale, self.offset, self.spec)
+        return fake_quantize(x, self.spec)
+
+    def codes(self, x: Tensor) -> tuple[Tensor, QParams]:
+        """(codes in the block view, parameters): exactly what ``forward`` dequantizes."""
+        if self.scale is not None:
+            return learned_codes(x, self.scale, self.offset, self.spec)
+        _, params, codes = fake_quantize_blocks(to_blocks(x.detach(), self.spec), self.spec)
+        return codes, params
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.describe()}, enabled={self.enabled}"
+
+
+class FakeQuantLinear(nn.Linear):
+    """``nn.Linear`` whose weight (and optionally input) pass through fake quantizers.
+
+    The weight's fake quant is cached while the weight is unchanged (same tensor version), so
+    it runs once per optimizer step, not once per micro-batch; gradients still flow to the float
+    weight through the STE.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_spec: QuantSpec | None = None,
+        activation_spec: QuantSpec | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_quantizer = FakeQuantizer(weight_spec, self.weight) if weight_spec else None
+        self.activation_quantizer = FakeQuantizer(activation_spec) if activation_spec else None
+        self._cache: tuple[tuple[int, int], Tensor, Tensor | None] | None = None
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Module, weight_spec: QuantSpec | None, activation_spec: QuantSpec | None = None
+    ) -> FakeQuantLinear:
+        """Wrap an ``nn.Linear`` (or transformers ``Conv1D``), sharing no storage with it."""
+        weight, bias = _linear_weight(linear)
+        if weight_spec is not None:
+            block_len(
+                weight.shape, weight_spec
+            )  # a group size that does not divide fails here, not mid-training
+        if activation_spec is not None:
+            block_len((weight.shape[1],), activation_spec)
+        module = cls(
+            weight.shape[1],
+            weight.shape[0],
+            bias is not None,
+            None,
+            None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
+        module.weight.requires_grad_(weight.requires_grad)
+        module.weight_quantizer = FakeQuantizer(weight_spec, module.weight) if weight_spec else None
+        module.activation_quantizer = FakeQuantizer(activation_spec) if activation_spec else None
+        return module.to(weight.device)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the float (not quantized) weights."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def quantized_weight(self) -> Tensor:
+        """The weight as the forward uses it (fake-quantized when the quantizer is enabled)."""
+        quantizer = self.weight_quantizer
+        if quantizer is None or not quantizer.enabled:
+            return self.weight
+        if quantizer.scale is not None:  # learned scales need their own gradient every time
+            return quantizer(self.weight)
+        key = (self.weight._version, self.weight.data_ptr())
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                quantized = fake_quantize(self.weight, quantizer.spec)
+                mask = inside_mask(self.weight, quantizer.spec)
+            self._cache = (key, quantized, mask)
+        _, quantized, mask = self._cache
+        if not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return quantized
+        return fake_quantize_cached(self.weight, quantized, mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.activation_quantizer is not None:
+            x = self.activation_quantizer(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+class FakeQuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` with a fake-quantized table (rows are tokens: per-channel = per token row)."""
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, weight_spec: QuantSpec) -> FakeQuantEmbedding:
+        block_len(embedding.weight.shape, weight_spec)
+        module = cls(
+            embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+            device=embedding.weight.device, dtype=embedding.weight.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            module.weight.copy_(embedding.weight)
+        module.weight_quantizer = FakeQuantizer(weight_spec, module.weight)
+        return module
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return F.embedding(input_ids, self.quantized_weight(), self.padding_idx)
+
+
+def _linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight as [out, in], bias) of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2 family: weight is [in, out]
+        return module.weight.t(), module.bias
+    raise TypeError(
+        f"cannot fake-quantize a {type(module).__name__}: supported are nn.Linear, transformers Conv1D "
+        "and nn.Embedding; add a skip rule for it"
+    )
