@@ -97,7 +97,12 @@ class FakeQuantLinear(nn.Linear):
     def from_linear(
         cls, linear: nn.Module, weight_spec: QuantSpec | None, activation_spec: QuantSpec | None = None
     ) -> FakeQuantLinear:
-        """Wrap an ``nn.Linear`` (or transformers ``Conv1D``), sharing no storage with it."""
+        """Wrap an ``nn.Linear`` (or transformers ``Conv1D``).
+
+        A Linear's parameters are *shared*, not copied: tied weights (a head tied to the input
+        embeddings) stay tied, and no memory is duplicated. A Conv1D's ``[in, out]`` weight is
+        copied transposed.
+        """
         weight, bias = _linear_weight(linear)
         if weight_spec is not None:
             block_len(
@@ -105,23 +110,19 @@ class FakeQuantLinear(nn.Linear):
             )  # a group size that does not divide fails here, not mid-training
         if activation_spec is not None:
             block_len((weight.shape[1],), activation_spec)
-        module = cls(
-            weight.shape[1],
-            weight.shape[0],
-            bias is not None,
-            None,
-            None,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        with torch.no_grad():
-            module.weight.copy_(weight)
-            if bias is not None:
-                module.bias.copy_(bias)
-        module.weight.requires_grad_(weight.requires_grad)
+        module = cls(weight.shape[1], weight.shape[0], bias is not None, device="meta")
+        if isinstance(linear, nn.Linear):
+            module.weight, module.bias = linear.weight, linear.bias
+        else:
+            module.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            module.bias = (
+                None
+                if bias is None
+                else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+            )
         module.weight_quantizer = FakeQuantizer(weight_spec, module.weight) if weight_spec else None
         module.activation_quantizer = FakeQuantizer(activation_spec) if activation_spec else None
-        return module.to(weight.device)
+        return module
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the float (not quantized) weights."""
@@ -138,7 +139,9 @@ class FakeQuantLinear(nn.Linear):
         quantizer = self.weight_quantizer
         if quantizer is None or not quantizer.enabled:
             return self.weight
-        if quantizer.scale is not None:  # learned scales need their own gradient every time
+        if quantizer.scale is not None or torch.compiler.is_compiling():
+            # Learned scales need their own gradient every time; under torch.compile the fake
+            # quant is traced into the model's graph and fused there instead of cached.
             return quantizer(self.weight)
         key = (self.weight._version, self.weight.data_ptr())
         if self._cache is None or self._cache[0] != key:
@@ -164,11 +167,12 @@ class FakeQuantEmbedding(nn.Embedding):
     def from_embedding(cls, embedding: nn.Embedding, weight_spec: QuantSpec) -> FakeQuantEmbedding:
         block_len(embedding.weight.shape, weight_spec)
         module = cls(
-            embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
-            device=embedding.weight.device, dtype=embedding.weight.dtype,
-        )  # fmt: skip
-        with torch.no_grad():
-            module.weight.copy_(embedding.weight)
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            padding_idx=embedding.padding_idx,
+            device="meta",
+        )
+        module.weight = embedding.weight  # shared, so a tied output head stays tied
         module.weight_quantizer = FakeQuantizer(weight_spec, module.weight)
         return module
 

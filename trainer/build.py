@@ -23,6 +23,7 @@ from lowbit.trainer.errors import UserError
 from lowbit.trainer.hooks import StepHook, build_hooks
 from lowbit.trainer.model import build_model, build_tokenizer, resolve_model_dir
 from lowbit.trainer.optim import build_optimizer, build_scheduler
+from lowbit.trainer.quantization import QuantSchedule, apply_quantization
 from lowbit.trainer.strategies import Strategy
 
 
@@ -97,6 +98,9 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
     except (ValueError, TypeError) as error:  # bad term/hook names or fields from the config
         raise UserError(f"loss/hooks: {error}") from None
     built = build_model_and_data(cfg, strategy)
+    if cfg.quant is not None:  # before wrapping and before the optimizer sees the parameters
+        apply_quantization(built.model, cfg.quant, announce=strategy.is_main)
+        hooks.insert(0, QuantSchedule(cfg.quant))
     model = strategy.wrap(built.model)
     objective.to(strategy.device)
     optimizer = build_optimizer(model, cfg.train)

@@ -100,14 +100,11 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from lowbit.trainer.evaluate_cli import evaluate_target
+    from lowbit.trainer.evaluate_cli import evaluate_target, format_rows
 
-    result = evaluate_target(Path(args.target), args.overrides)
-    if result:
-        print(
-            f"{result['source']}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.3f}  "
-            f"tokens {result['val_tokens']:,}"
-        )
+    rows = evaluate_target(Path(args.target), args.overrides)
+    if rows:
+        print(format_rows(rows))
     return 0
 
 

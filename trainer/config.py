@@ -11,7 +11,7 @@ import functools
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional  # noqa: UP035 - OmegaConf needs typing generics
+from typing import Any, Optional  # Optional, not `X | None`: OmegaConf 2.3 reads only the former
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -156,6 +156,24 @@ class StrategyConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Quantization-aware training: fake-quant layers chosen by rules (first match wins)."""
+
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    """``[{match: GLOB | 're:REGEX', weight: PRESET | {fields}, activation: ..., skip: bool}]``."""
+    enable_after_steps: int = 0
+    """Train in float for the first N steps, then with fake quant (eval always quantizes)."""
+    freeze_scales_after_steps: Optional[int] = None
+    """Stop learning LSQ scales/offsets from this step on."""
+    quantize_head: bool = False
+    """Also quantize the output head (kept in high precision by default)."""
+    quantize_embeddings: bool = False
+    """Also quantize the input embeddings (kept in high precision by default)."""
+    baselines: bool = True
+    """Measure the float and PTQ (round-to-nearest) perplexity at the start, to log ``recovered``."""
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs. Recipes in ``configs/`` fill it; ``lowbit config`` prints it."""
 
@@ -167,6 +185,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    quant: Optional[QuantConfig] = None
+    """Quantization-aware training (absent: a float run)."""
     loss: list[dict[str, Any]] = field(default_factory=lambda: [{"kind": "ce", "weight": 1.0}])
     """Weighted loss terms: ``[{kind: ce, weight: 1.0}, ...]``."""
     hooks: list[dict[str, Any]] = field(default_factory=list)
@@ -203,7 +223,7 @@ if not OmegaConf.has_resolver("pkg"):
 
 def _describe(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None)
-    message = getattr(error, "msg", None) or str(error).splitlines()[0]
+    message = (getattr(error, "msg", None) or str(error)).splitlines()[0]
     return f"{key}: {message}" if key else message
 
 
@@ -272,6 +292,8 @@ def _validate(cfg: RunConfig, source: str) -> None:
             fail(f"{key} must be 0 (off) or positive")
     if not cfg.loss:
         fail("loss is empty; e.g. loss: [{kind: ce, weight: 1.0}]")
+    if cfg.quant is not None and not cfg.quant.rules:
+        fail("quant.rules is empty; e.g. quant: {rules: [{match: '*', weight: w4a8, activation: w4a8}]}")
     for entry in (*cfg.loss, *cfg.hooks):
         if "kind" not in entry:
             fail(f"every loss term and hook needs a `kind`, got {dict(entry)}")

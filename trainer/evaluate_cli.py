@@ -1,4 +1,9 @@
-"""``lowbit eval``: perplexity of a configured model, a run's newest checkpoint, or a checkpoint."""
+"""``lowbit eval``: perplexity of a configured model, a run's newest checkpoint, or a checkpoint.
+
+With a ``quant`` section it reports, on the same validation data, the float model, its PTQ
+(round-to-nearest with the same rules) and — for a run or checkpoint — the trained QAT model,
+with ``recovered = (ppl_ptq − ppl_qat) / (ppl_ptq − ppl_float)``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from lowbit.trainer.config import load_config
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import setup_console_logging
+from lowbit.trainer.quantization import apply_quantization, quantizers_enabled, recovered
 from lowbit.trainer.strategies import build_strategy
 
 
@@ -32,23 +38,54 @@ def resolve_target(target: Path) -> tuple[Path, Path | None]:
     return target / "config.yaml", checkpoint
 
 
-def evaluate_target(target: Path, overrides: list[str]) -> dict[str, Any]:
-    """Load the model (and weights), build its validation split, and return loss/perplexity."""
+def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
+    """Rows of ``{name, val_loss, val_ppl, val_tokens[, recovered]}`` (empty on non-main ranks)."""
     config_file, checkpoint = resolve_target(target)
     cfg = load_config(config_file, overrides)
     strategy = build_strategy(cfg.strategy)
     setup_console_logging(strategy.is_main)
+    rows: list[dict[str, Any]] = []
     try:
         seed_everything(cfg.train.seed)
         built = build_model_and_data(cfg, strategy)
         if built.val is None:
             raise UserError("no validation data: set data.val_files or a data.val_fraction above 0")
-        if checkpoint is not None:
-            ckpt.load_weights(checkpoint, built.model)
+        if cfg.quant is not None:
+            apply_quantization(built.model, cfg.quant, announce=False)
         model = strategy.wrap(built.model)
         batch_size = cfg.eval.batch_size or cfg.train.micro_batch_size
-        result = evaluate(model, built.val, batch_size, strategy, cfg.train.precision)
+
+        def measure(name: str) -> dict[str, Any]:
+            return {"name": name, **evaluate(model, built.val, batch_size, strategy, cfg.train.precision)}
+
+        start = cfg.model.path or "random init"
+        if cfg.quant is not None:
+            with quantizers_enabled(model, False):
+                rows.append(measure(f"float ({start})"))
+            with quantizers_enabled(model, True):
+                rows.append(measure("PTQ (round-to-nearest)"))
+        if checkpoint is not None:
+            ckpt.load_weights(checkpoint, strategy.unwrap(model))
+            with quantizers_enabled(model, True):
+                rows.append(measure(f"{'QAT' if cfg.quant else 'trained'} ({checkpoint.name})"))
+            if cfg.quant is not None:
+                baselines = {"val_ppl_float": rows[0]["val_ppl"], "val_ppl_ptq": rows[1]["val_ppl"]}
+                share = recovered(rows[-1]["val_ppl"], baselines)
+                if share is not None:
+                    rows[-1]["recovered"] = share
+        elif cfg.quant is None:
+            rows.append(measure(start))
     finally:
         strategy.teardown()
-    source = str(checkpoint) if checkpoint is not None else (cfg.model.path or "random model")
-    return {"source": source, **result} if strategy.is_main else {}
+    return rows if strategy.is_main else []
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A small table: model | val_loss | val_ppl | tokens | recovered."""
+    header = ("model", "val_loss", "val_ppl", "tokens", "recovered")
+    lines = [(r["name"], f"{r['val_loss']:.4f}", f"{r['val_ppl']:.3f}", f"{r['val_tokens']:,}",
+              f"{100 * r['recovered']:.1f}%" if "recovered" in r else "") for r in rows]  # fmt: skip
+    widths = [max(len(str(x[i])) for x in (header, *lines)) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip() for line in (header, *lines)
+    )

@@ -8,6 +8,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from lowbit.trainer.config import RunConfig, config_dict, to_yaml
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import autocast, evaluate
 from lowbit.trainer.loggers import MetricsLogger, setup_console_logging
+from lowbit.trainer.quantization import load_or_measure_baselines, quantizers_enabled, recovered
 from lowbit.trainer.strategies import Strategy, build_strategy
 
 logger = logging.getLogger("lowbit")
@@ -78,6 +80,7 @@ class Trainer:
         run_name = cfg.run.name or self.run_dir.name
         self.metrics = MetricsLogger(cfg.log, self.run_dir, run_name, config_dict(cfg), self.strategy.is_main)
         self.last_eval: dict[str, float] = {}
+        self.baselines: dict[str, float] = {}
 
     # -- pieces of a step -------------------------------------------------------------------------
 
@@ -135,14 +138,26 @@ class Trainer:
         metrics.update(tokens=int(input_tokens), tokens_per_s=input_tokens / elapsed, step_time_s=elapsed)
         return metrics
 
+    def _evaluate(self, quantized: bool | None = None) -> dict[str, float]:
+        """Validation metrics; ``quantized`` forces fake quant on/off (None: as configured)."""
+        assert self.parts.val is not None
+        batch_size = self.cfg.eval.batch_size or self.cfg.train.micro_batch_size
+        if quantized is None:
+            quantized = self.cfg.quant is not None  # a QAT model is judged as it will be deployed
+        with quantizers_enabled(self.parts.model, quantized) if self.cfg.quant else contextlib.nullcontext():
+            return evaluate(
+                self.parts.model, self.parts.val, batch_size, self.strategy, self.cfg.train.precision
+            )
+
     def run_eval(self) -> dict[str, float]:
         """Evaluate on the validation split (if any) and log it at the current step."""
         if self.parts.val is None:
             return {}
-        batch_size = self.cfg.eval.batch_size or self.cfg.train.micro_batch_size
-        self.last_eval = evaluate(
-            self.parts.model, self.parts.val, batch_size, self.strategy, self.cfg.train.precision
-        )
+        self.last_eval = self._evaluate()
+        if self.baselines:
+            share = recovered(self.last_eval["val_ppl"], self.baselines)
+            if share is not None:
+                self.last_eval["recovered"] = share
         self.metrics.log_eval(self.step, self.last_eval)
         return self.last_eval
 
@@ -181,6 +196,8 @@ class Trainer:
         self.metrics.start(max_steps, self.step)
         for hook in parts.hooks:
             hook.on_train_start(self)
+        if cfg.quant is not None and cfg.quant.baselines and parts.val is not None:
+            self.baselines = load_or_measure_baselines(self, self._evaluate)
         first_eval: dict[str, float] = {}
         if cfg.eval.at_start and self.step == 0:
             first_eval = self.run_eval()

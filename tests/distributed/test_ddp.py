@@ -26,11 +26,14 @@ def variable_length_chat(path):
     return path
 
 
-@pytest.mark.parametrize("data", ["packed", "masked"])
+@pytest.mark.parametrize("data", ["packed", "masked", "qat"])
 def test_two_process_ddp_matches_single_process(tmp_path, data):
     extra = ["train.max_steps=6", "train.warmup_steps=0", "eval.every_steps=3", "checkpoint.every_steps=3"]
     if data == "masked":
         extra += [f"data.train_files=[{variable_length_chat(tmp_path / 'sft.jsonl')}]", "data.seq_len=96"]
+    if data == "qat":  # learned scales and per-token activation quant under DDP
+        rules = '{match: "*", weight: {dtype: int4, granularity: group, group_size: 32, learn_scale: true}, activation: w4a8}'
+        extra += [f"quant={{rules: [{rules}]}}"]
     single = run_cli(
         "train",
         str(TINY),
@@ -47,7 +50,10 @@ def test_two_process_ddp_matches_single_process(tmp_path, data):
     assert double.returncode == 0, double.stderr
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6
-    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    # fp32 gradient sums in a different order can move a weight across a rounding boundary of the
+    # quantization grid, so QAT gets a looser (still tight) bound than float training.
+    tolerance = 1e-4 if data == "qat" else 1e-5
+    assert max(abs(a - b) for a, b in zip(one, two)) < tolerance, (one, two)
     assert one[-1] < one[0]
 
 

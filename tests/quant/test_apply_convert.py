@@ -108,7 +108,7 @@ def test_fake_quant_linear_from_to_linear_and_forward():
     assert torch.equal(module(x), expected)
     back = module.to_linear()
     assert type(back) is torch.nn.Linear and torch.equal(back.weight, linear.weight)
-    assert module.weight.data_ptr() != linear.weight.data_ptr()
+    assert module.weight is linear.weight  # shared: tied weights stay tied
 
 
 def test_weight_fake_quant_runs_once_per_weight_version_with_the_same_gradients(monkeypatch):

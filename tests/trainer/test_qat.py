@@ -1,0 +1,116 @@
+"""QAT through the trainer: rules from config, schedule, baselines and `recovered`, eval, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowbit.quant import FakeQuantLinear, quantizers
+from lowbit.trainer.errors import UserError
+from lowbit.trainer.hooks import HOOKS, StepHook
+from lowbit.trainer.loop import Trainer, train
+from tests.conftest import TINY, run_cli
+
+INT2 = 'quant={rules: [{match: "model.layers.*", weight: {dtype: int2, granularity: group, group_size: 32}}]}'
+
+
+def metric_lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@HOOKS.register("record_quant_state")
+class RecordQuantState(StepHook):
+    """Test probe: records whether fake quant is on during each step."""
+
+    seen: list[tuple[int, bool, bool]] = []
+
+    def on_step_end(self, trainer, step, metrics):
+        model = trainer.strategy.unwrap(trainer.parts.model)
+        found = quantizers(model)
+        scales_learn = any(q.scale is not None and q.scale.requires_grad for q in found)
+        RecordQuantState.seen.append((step, all(q.enabled for q in found), scales_learn))
+
+
+def test_schedule_enables_fake_quant_after_n_steps_and_freezes_scales(tiny_config):
+    RecordQuantState.seen = []
+    cfg = tiny_config(
+        'quant={rules: [{match: "*", weight: {dtype: int4, granularity: group, group_size: 32, learn_scale: true}}]}',
+        "quant.enable_after_steps=2", "quant.freeze_scales_after_steps=4", "quant.baselines=false",
+        "hooks=[{kind: record_quant_state}]", "train.max_steps=5", "train.warmup_steps=0", "eval.every_steps=0",
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    scale_before = next(q.scale for q in quantizers(trainer.parts.model)).detach().clone()
+    trainer.fit()
+    trainer.close()
+    # on_step_end(step) reports the state during optimizer step `step` (1-based): steps 1-2 float.
+    assert [(s, on) for s, on, _ in RecordQuantState.seen] == [
+        (1, False),
+        (2, False),
+        (3, True),
+        (4, True),
+        (5, True),
+    ]
+    assert [learn for _, _, learn in RecordQuantState.seen] == [True, True, True, True, False]
+    scale_after = next(q.scale for q in quantizers(trainer.parts.model)).detach()
+    assert not torch.equal(scale_before, scale_after)  # LSQ scales were trained
+
+
+def test_qat_recovers_ptq_loss_and_logs_recovered(tiny_config, tmp_path):
+    # A "pretrained" float model first, so that PTQ to int2 really hurts it.
+    base = tiny_config(
+        "train.max_steps=40", "train.warmup_steps=0", "eval.every_steps=0", run_dir=tmp_path / "base"
+    )
+    trainer = Trainer(base)
+    trainer.fit()
+    model_dir = tmp_path / "pretrained"
+    trainer.strategy.unwrap(trainer.parts.model).save_pretrained(model_dir)
+    trainer.close()
+    from lowbit.trainer.byte_tokenizer import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(model_dir)
+    qat = tiny_config(INT2.replace("model.layers.*", "*"), "quant.quantize_head=true", "model.config=null", "model.tokenizer=null", f"model.path={model_dir}",
+                      "train.max_steps=30", "train.lr=1e-3", "train.warmup_steps=0", "eval.every_steps=15",
+                      run_dir=tmp_path / "qat")  # fmt: skip
+    result = train(qat)
+    lines = metric_lines(tmp_path / "qat")
+    baselines = next(line for line in lines if "val_ppl_ptq" in line)
+    assert baselines["val_ppl_ptq"] > 1.03 * baselines["val_ppl_float"]  # int2 PTQ of the head hurts
+    evals = [line for line in lines if "recovered" in line]
+    assert [line["step"] for line in evals] == [15, 30]
+    final = result["eval"]
+    expected = (baselines["val_ppl_ptq"] - final["val_ppl"]) / (
+        baselines["val_ppl_ptq"] - baselines["val_ppl_float"]
+    )
+    assert final["recovered"] == pytest.approx(expected)
+    assert final["recovered"] > 0.5  # (the quality figures on a real model live in benchmarks/)
+    # `lowbit eval` on the run reports the same three numbers on the same data.
+    done = run_cli("eval", str(tmp_path / "qat"))
+    assert done.returncode == 0, done.stderr
+    rows = {
+        line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]
+    }  # name (source) loss ppl tokens [recovered]
+    assert float(rows["float"][3]) == pytest.approx(baselines["val_ppl_float"], rel=1e-4)
+    assert float(rows["PTQ"][3]) == pytest.approx(baselines["val_ppl_ptq"], rel=1e-4)
+    assert rows["QAT"][5] == f"{100 * final['recovered']:.1f}%"
+
+
+def test_qat_checkpoint_resume_keeps_fake_quant_layers(tiny_config):
+    cfg = tiny_config(INT2, "train.max_steps=3", "train.warmup_steps=0", "checkpoint.every_steps=2")
+    train(cfg)
+    resumed = Trainer(tiny_config(INT2, "train.max_steps=4", "train.warmup_steps=0"))
+    assert resumed.step == 3
+    assert isinstance(resumed.parts.model.model.layers[0].mlp.up_proj, FakeQuantLinear)
+    resumed.close()
+
+
+def test_quant_config_errors_are_user_errors(tiny_config):
+    with pytest.raises(UserError, match=r"quant.rules: quant rule 'model.layer.\*' matches no module"):
+        Trainer(tiny_config('quant={rules: [{match: "model.layer.*", weight: w4a8}]}'))
+    with pytest.raises(UserError, match=r"quant.rules is empty"):
+        tiny_config("quant={rules: []}")
+    done = run_cli(
+        "train", str(TINY), 'quant={rules: [{match: "*", weight: {dtype: int4, granularity: grup}}]}'
+    )
+    assert done.returncode == 2 and "unknown granularity 'grup'. Did you mean: 'group'?" in done.stderr

@@ -1,0 +1,119 @@
+"""QAT inside the trainer: apply the config's rules, schedule fake quant, measure baselines.
+
+``recovered = (ppl_ptq − ppl) / (ppl_ptq − ppl_float)``: the share of the perplexity that
+round-to-nearest quantization (PTQ) loses which training has won back. The float and PTQ
+perplexities are measured once, on the starting weights, and kept in the run dir so a resumed
+run reports the same baselines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from lowbit.trainer.config import QuantConfig
+from lowbit.trainer.errors import UserError
+from lowbit.trainer.hooks import StepHook
+
+if TYPE_CHECKING:
+    from lowbit.trainer.loop import Trainer
+
+logger = logging.getLogger("lowbit")
+BASELINES_FILE = "quant_baselines.json"
+
+
+def apply_quantization(model: nn.Module, cfg: QuantConfig, announce: bool) -> None:
+    """Swap in fake-quant layers per ``cfg.rules`` and print what was quantized."""
+    from lowbit.quant import quantize_model, summary_table
+
+    try:
+        reports = quantize_model(model, cfg.rules, cfg.quantize_head, cfg.quantize_embeddings)
+    except ValueError as error:
+        raise UserError(f"quant.rules: {error}") from None
+    if announce:
+        logger.info("quantization applied:\n%s", summary_table(reports))
+
+
+@contextlib.contextmanager
+def quantizers_enabled(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Temporarily switch every fake quantizer on or off, restoring each one's state after."""
+    from lowbit.quant import quantizers
+
+    found = quantizers(model)
+    before = [q.enabled for q in found]
+    for quantizer in found:
+        quantizer.enabled = enabled
+    try:
+        yield
+    finally:
+        for quantizer, state in zip(found, before):
+            quantizer.enabled = state
+
+
+class QuantSchedule(StepHook):
+    """Fake quant off before ``enable_after_steps``, on after; scales frozen from a given step."""
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        self.enable_after = cfg.enable_after_steps
+        self.freeze_after = cfg.freeze_scales_after_steps
+        self.frozen = False
+
+    def _apply(self, trainer: Trainer, step: int) -> None:
+        from lowbit.quant import freeze_scales, set_quantizers_enabled
+
+        model = trainer.strategy.unwrap(trainer.parts.model)
+        set_quantizers_enabled(model, step >= self.enable_after)
+        if self.freeze_after is not None and step >= self.freeze_after and not self.frozen:
+            freeze_scales(model)
+            self.frozen = True
+            logger.info("quantizer scales frozen at step %d", step)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._apply(trainer, trainer.step)
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        self._apply(trainer, step)
+
+
+def recovered(ppl: float, baselines: dict[str, float]) -> float | None:
+    """Share of the PTQ perplexity loss won back; None when PTQ lost nothing to win back."""
+    lost = baselines["val_ppl_ptq"] - baselines["val_ppl_float"]
+    if lost <= 0:
+        return None
+    return (baselines["val_ppl_ptq"] - ppl) / lost
+
+
+def _baseline_key(trainer: Trainer) -> str:
+    """What the baselines depend on: starting model, quant rules, validation data."""
+    cfg = trainer.cfg
+    return json.dumps([str(cfg.model.path), cfg.model.config, cfg.quant.rules if cfg.quant else None,  # fmt: skip
+                       list(cfg.data.val_files), cfg.data.val_fraction, cfg.data.seq_len, cfg.train.seed],
+                      sort_keys=True, default=str)  # fmt: skip
+
+
+def load_or_measure_baselines(trainer: Trainer, measure) -> dict[str, Any]:
+    """Baselines from the run dir, or measured now (``measure(enabled) -> eval dict``) and saved."""
+    path = Path(trainer.run_dir) / BASELINES_FILE
+    key = _baseline_key(trainer)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.pop("key", None) == key:
+            return stored
+    if trainer.step > 0:
+        logger.warning(
+            "no %s in the run dir: `recovered` is not reported for this resumed run", BASELINES_FILE
+        )
+        return {}
+    float_eval, ptq_eval = measure(False), measure(True)
+    baselines = {"val_ppl_float": float_eval["val_ppl"], "val_ppl_ptq": ptq_eval["val_ppl"],
+                 "val_loss_float": float_eval["val_loss"], "val_loss_ptq": ptq_eval["val_loss"]}  # fmt: skip
+    if trainer.strategy.is_main:
+        path.write_text(json.dumps({**baselines, "key": key}, indent=2))
+    trainer.metrics.log_eval(trainer.step, baselines)
+    return baselines
