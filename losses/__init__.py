@@ -1,5 +1,7 @@
 """Loss terms and the weighted objective (usable alone, without the trainer)."""
 
+from lowbit.losses import kd_terms  # noqa: F401 - registers kd_kl, kd_rkl, kd_jsd, kd_topk
+from lowbit.losses.kd import kd_divergence_sum, kd_loss, topk_kl_sum
 from lowbit.losses.objective import Objective, build_objective
 from lowbit.losses.registry import Registry, UnknownChoiceError
 from lowbit.losses.terms import (
@@ -25,5 +27,8 @@ __all__ = [
     "build_objective",
     "count_target_tokens",
     "cross_entropy_mean",
+    "kd_divergence_sum",
+    "kd_loss",
+    "topk_kl_sum",
     "next_token_pairs",
 ]

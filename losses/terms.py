@@ -70,15 +70,3 @@ def cross_entropy_mean(logits: Tensor, labels: Tensor, ignore_index: int = IGNOR
     """Mean next-token cross-entropy over valid tokens (a convenience for notebooks and eval)."""
     total = CrossEntropyTerm(ignore_index)(LossInputs(labels=labels, student_logits=logits))
     return total / count_target_tokens(labels, ignore_index).clamp_min(1)
-
-
-__all__ = [
-    "IGNORE_INDEX",
-    "LOSS_TERMS",
-    "CrossEntropyTerm",
-    "LossInputs",
-    "LossTerm",
-    "count_target_tokens",
-    "cross_entropy_mean",
-    "next_token_pairs",
-]

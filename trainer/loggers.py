@@ -36,6 +36,9 @@ class JsonlWriter:
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
+        if step == 0:  # a fresh start: lines of an earlier attempt would mix with this run's
+            self.path.unlink()
+            return
         kept = [
             line
             for line in self.path.read_text().splitlines()

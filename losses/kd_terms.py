@@ -1,0 +1,92 @@
+"""Distillation loss terms for the objective: ``kd_kl``, ``kd_rkl``, ``kd_jsd``, ``kd_topk``.
+
+    loss: [{kind: ce, weight: 0.5}, {kind: kd_kl, weight: 0.5, temperature: 2.0}]
+
+Each returns a sum over the step's target positions (position t counts when label t+1 is not
+ignored, as for ``ce``), so the objective's single division gives a per-token mean.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lowbit.losses.kd import KINDS, kd_divergence_sum, topk_kl_sum
+from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LossInputs, LossTerm
+
+
+def _positions(inputs: LossInputs, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Student and teacher logits at positions 0..L-2 and the mask of counted positions."""
+    if inputs.student_logits is None or inputs.teacher_logits is None:
+        raise ValueError(
+            "a KD term needs both the student's and the teacher's logits (is a teacher configured?)"
+        )
+    mask = inputs.labels[..., 1:] != ignore_index
+    return inputs.student_logits[..., :-1, :], inputs.teacher_logits[..., :-1, :], mask
+
+
+class DivergenceTerm(LossTerm):
+    """T² · divergence between teacher and student next-token distributions, in token chunks."""
+
+    needs = frozenset({"student_logits", "teacher_logits"})
+    kind = "kl"
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        chunk_size: int = 1024,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__(ignore_index)
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown KD kind {self.kind!r}")
+        if not temperature > 0:
+            raise ValueError(f"KD temperature must be > 0, got {temperature}")
+        if self.kind == "jsd" and not 0 < beta < 1:
+            raise ValueError(f"kd_jsd needs 0 < beta < 1, got {beta}")
+        self.temperature, self.beta, self.chunk_size = float(temperature), float(beta), chunk_size
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        student, teacher, mask = _positions(inputs, self.ignore_index)
+        return kd_divergence_sum(
+            student, teacher, mask, self.kind, self.temperature, self.beta, self.chunk_size
+        )
+
+
+@LOSS_TERMS.register("kd_kl")
+class ForwardKLTerm(DivergenceTerm):
+    kind = "kl"
+
+
+@LOSS_TERMS.register("kd_rkl")
+class ReverseKLTerm(DivergenceTerm):
+    kind = "rkl"
+
+
+@LOSS_TERMS.register("kd_jsd")
+class JensenShannonTerm(DivergenceTerm):
+    kind = "jsd"
+
+
+@LOSS_TERMS.register("kd_topk")
+class TopKTerm(LossTerm):
+    """KL over the teacher's top-k tokens (renormalised), optionally with the tail-mass bucket."""
+
+    needs = frozenset({"student_logits", "teacher_logits"})
+
+    def __init__(
+        self, k: int = 64, temperature: float = 1.0, tail: bool = True, ignore_index: int = IGNORE_INDEX
+    ) -> None:
+        super().__init__(ignore_index)
+        if k < 1:
+            raise ValueError(f"kd_topk needs k >= 1, got {k}")
+        if not temperature > 0:
+            raise ValueError(f"KD temperature must be > 0, got {temperature}")
+        self.k, self.temperature, self.tail = k, float(temperature), tail
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        student, teacher, mask = _positions(inputs, self.ignore_index)
+        scaled = teacher.float() / self.temperature
+        values, indices = teacher.float().topk(min(self.k, teacher.shape[-1]), dim=-1)
+        lse = scaled.logsumexp(-1) if self.tail else None
+        return topk_kl_sum(student, values, indices, mask, self.temperature, lse)
