@@ -64,3 +64,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory):
+    """A tiny Llama trained for 40 steps and saved as an HF directory with the byte tokenizer."""
+    from lowbit.trainer.byte_tokenizer import byte_tokenizer
+    from lowbit.trainer.config import load_config
+    from lowbit.trainer.loop import Trainer
+
+    root = tmp_path_factory.mktemp("pretrained")
+    cfg = load_config(TINY, tiny_overrides(root / "run", "train.max_steps=40", "train.warmup_steps=0",
+                                           "eval.every_steps=0", "checkpoint.save_final=false"))  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.fit()
+    model_dir = root / "model"
+    trainer.strategy.unwrap(trainer.parts.model).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    trainer.close()
+    return model_dir

@@ -25,6 +25,7 @@ from lowbit.trainer.model import build_model, build_tokenizer, resolve_model_dir
 from lowbit.trainer.optim import build_optimizer, build_scheduler
 from lowbit.trainer.quantization import QuantSchedule, apply_quantization
 from lowbit.trainer.strategies import Strategy
+from lowbit.trainer.teacher import Teacher, align_vocab, build_teacher, student_from_teacher
 
 
 def import_plugins(imports: list[str]) -> None:
@@ -58,20 +59,40 @@ class ModelAndData:
     model: nn.Module
     train: Examples
     val: Examples | None
+    teacher: Teacher | None = None
 
 
-def build_model_and_data(cfg: RunConfig, strategy: Strategy) -> ModelAndData:
-    """Tokenizer, unwrapped model on CPU, and tokenized splits."""
-    model_dir = None
-    if strategy.is_main:  # a GGUF is converted once, by rank 0, before the others read the cache
-        model_dir = resolve_model_dir(cfg.model)
+def _resolve_on_rank0_first(source, strategy: Strategy):
+    """Resolve a model source; a GGUF is converted once, by rank 0, before the others read the cache."""
+    if source is None:
+        return None
+    model_dir = resolve_model_dir(source) if strategy.is_main else None
     strategy.barrier()
-    if not strategy.is_main:
-        model_dir = resolve_model_dir(cfg.model)
-    tokenizer = build_tokenizer(cfg.model, model_dir)
-    model = build_model(cfg.model, model_dir, cfg.train.seed, len(tokenizer))
+    return model_dir if strategy.is_main else resolve_model_dir(source)
+
+
+def build_model_and_data(cfg: RunConfig, strategy: Strategy, with_teacher: bool = True) -> ModelAndData:
+    """Tokenizer, unwrapped student (and frozen teacher) on CPU, and tokenized splits."""
+    from_teacher = cfg.model.init_from_teacher is not None
+    teacher_dir = _resolve_on_rank0_first(cfg.teacher if (with_teacher or from_teacher) else None, strategy)
+    model_dir = _resolve_on_rank0_first(cfg.model, strategy)
+    tokenizer = build_tokenizer(
+        cfg.model, teacher_dir if from_teacher and not cfg.model.tokenizer else model_dir
+    )
+    teacher = None
+    if cfg.teacher is not None and (with_teacher or from_teacher):
+        teacher = build_teacher(cfg.teacher, teacher_dir, tokenizer, cfg.train.seed, strategy.device)
+    if from_teacher:
+        assert teacher is not None and cfg.model.init_from_teacher is not None
+        model = student_from_teacher(teacher.model, list(cfg.model.init_from_teacher), cfg.model)
+    else:
+        model = build_model(cfg.model, model_dir, cfg.train.seed, len(tokenizer))
+    if teacher is not None:
+        align_vocab(teacher, model)
+        if not with_teacher:
+            teacher = None
     train, val = load_splits(cfg.data, tokenizer, cfg.train.seed)
-    return ModelAndData(tokenizer, model, train, val)
+    return ModelAndData(tokenizer, model, train, val, teacher)
 
 
 @dataclass
@@ -87,6 +108,7 @@ class Components:
     train_batches: StepBatches
     val: Examples | None
     hooks: list[StepHook]
+    teacher: Teacher | None = None
 
 
 def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
@@ -124,4 +146,5 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
         batches,
         built.val,
         hooks,
+        built.teacher,
     )

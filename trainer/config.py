@@ -20,8 +20,8 @@ from lowbit.trainer.errors import UserError
 
 
 @dataclass
-class ModelConfig:
-    """The student model."""
+class ModelSource:
+    """Where a model comes from (shared by the student and the teacher)."""
 
     path: Optional[str] = None
     """A local Hugging Face directory (safetensors) or a ``.gguf`` file (loaded dequantized)."""
@@ -31,10 +31,26 @@ class ModelConfig:
     """Tokenizer directory, or ``byte`` for the built-in byte-level tokenizer. Default: ``path``."""
     dtype: str = "fp32"
     """Weight dtype: fp32 | bf16 | fp16."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
     trust_remote_code: bool = False
     """Allow a model directory to run its own Python code (off unless you trust it)."""
+
+
+@dataclass
+class ModelConfig(ModelSource):
+    """The student model."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    init_from_teacher: Optional[list[int]] = None
+    """Build the student from the teacher: its embeddings, head and these teacher layers, in order."""
+
+
+@dataclass
+class TeacherConfig(ModelSource):
+    """A frozen teacher for distillation: same loaders as the student, its own dtype."""
+
+    load_in_4bit: bool = False
+    """Hold the teacher in NF4 (bitsandbytes) to save memory."""
 
 
 @dataclass
@@ -187,6 +203,8 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     quant: Optional[QuantConfig] = None
     """Quantization-aware training (absent: a float run)."""
+    teacher: Optional[TeacherConfig] = None
+    """Frozen teacher for the KD loss terms (absent: no distillation)."""
     loss: list[dict[str, Any]] = field(default_factory=lambda: [{"kind": "ce", "weight": 1.0}])
     """Weighted loss terms: ``[{kind: ce, weight: 1.0}, ...]``."""
     hooks: list[dict[str, Any]] = field(default_factory=list)
@@ -197,6 +215,7 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("fp32", "bf16", "fp16"),
+    "teacher.dtype": ("fp32", "bf16", "fp16"),
     "data.format": ("auto", "text", "instruction", "chat"),
     "data.truncation": ("error", "truncate", "drop"),
     "train.schedule": ("cosine", "linear", "constant"),
@@ -261,11 +280,30 @@ def _validate(cfg: RunConfig, source: str) -> None:
         raise UserError(f"{source}: {message}")
 
     for key, allowed in CHOICES.items():
+        if key.startswith("teacher.") and cfg.teacher is None:
+            continue
         value = _get(cfg, key)
         if value not in allowed:
             fail(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
-    if (cfg.model.path is None) == (cfg.model.config is None):
-        fail("set exactly one of model.path (a pretrained model) or model.config (a random model)")
+    sources = [
+        cfg.model.path is not None,
+        cfg.model.config is not None,
+        cfg.model.init_from_teacher is not None,
+    ]
+    if sum(sources) != 1:
+        fail(
+            "set exactly one of model.path (a pretrained model), model.config (a random model) or "
+            "model.init_from_teacher (layers copied from the teacher)"
+        )
+    if cfg.model.init_from_teacher is not None and cfg.teacher is None:
+        fail("model.init_from_teacher needs a teacher: set teacher.path")
+    if cfg.teacher is not None and (cfg.teacher.path is None) == (cfg.teacher.config is None):
+        fail("set exactly one of teacher.path or teacher.config")
+    kd_terms = [entry["kind"] for entry in cfg.loss if str(entry.get("kind", "")).startswith("kd_")]
+    if kd_terms and cfg.teacher is None:
+        fail(
+            f"loss term(s) {', '.join(kd_terms)} distill from a teacher, but none is configured: set teacher.path"
+        )
     if cfg.model.config is not None and "model_type" not in cfg.model.config:
         fail("model.config needs a model_type (e.g. llama)")
     if not cfg.data.train_files:

@@ -47,7 +47,7 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         seed_everything(cfg.train.seed)
-        built = build_model_and_data(cfg, strategy)
+        built = build_model_and_data(cfg, strategy, with_teacher=False)
         if built.val is None:
             raise UserError("no validation data: set data.val_files or a data.val_fraction above 0")
         if cfg.quant is not None:

@@ -108,10 +108,7 @@ class Trainer:
                     outputs = parts.model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                     )
-                inputs = LossInputs(
-                    labels=batch["labels"],
-                    student_logits=outputs.logits if "student_logits" in needs else None,
-                )
+                inputs = self._loss_inputs(batch, outputs.logits, needs)
                 loss, terms = parts.objective(inputs, target_tokens)
                 # DDP averages gradients over ranks; the loss is already a global mean, so undo that.
                 (loss * strategy.world_size).backward()
@@ -137,6 +134,21 @@ class Trainer:
             metrics["grad_norm"] = float(grad_norm)
         metrics.update(tokens=int(input_tokens), tokens_per_s=input_tokens / elapsed, step_time_s=elapsed)
         return metrics
+
+    def _loss_inputs(self, batch: dict[str, torch.Tensor], student_logits: torch.Tensor, needs) -> LossInputs:
+        """What the loss terms read; the teacher runs only when a term asks for its logits."""
+        teacher_logits = None
+        if "teacher_logits" in needs:
+            teacher = self.parts.teacher
+            assert teacher is not None  # config validation requires a teacher for KD terms
+            with autocast(self.strategy.device, self.cfg.train.precision):
+                teacher_logits = teacher.logits(batch["input_ids"], batch["attention_mask"])
+            if teacher.shared_vocab is not None:
+                student_logits = student_logits[..., : teacher.shared_vocab]
+                teacher_logits = teacher_logits[..., : teacher.shared_vocab]
+        return LossInputs(
+            labels=batch["labels"], student_logits=student_logits, teacher_logits=teacher_logits
+        )
 
     def _evaluate(self, quantized: bool | None = None) -> dict[str, float]:
         """Validation metrics; ``quantized`` forces fake quant on/off (None: as configured)."""

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lowbit.trainer.byte_tokenizer import byte_tokenizer
-from lowbit.trainer.config import ModelConfig
+from lowbit.trainer.config import ModelConfig, ModelSource
 from lowbit.trainer.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,7 +65,7 @@ def convert_gguf(gguf_file: Path) -> Path:
     return target
 
 
-def resolve_model_dir(model_cfg: ModelConfig) -> Path | None:
+def resolve_model_dir(model_cfg: ModelSource) -> Path | None:
     """The HF directory to load from (converting a GGUF file first), or None for a random model."""
     if model_cfg.path is None:
         return None
@@ -81,7 +81,7 @@ def resolve_model_dir(model_cfg: ModelConfig) -> Path | None:
     return path
 
 
-def build_tokenizer(model_cfg: ModelConfig, model_dir: Path | None):
+def build_tokenizer(model_cfg: ModelSource, model_dir: Path | None):
     """The tokenizer: ``model.tokenizer`` (a directory or ``byte``), else the model's own."""
     source = model_cfg.tokenizer or (str(model_dir) if model_dir is not None else None)
     if source is None:
@@ -108,31 +108,44 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_model(
-    model_cfg: ModelConfig, model_dir: Path | None, seed: int, vocab_needed: int
+def load_model(
+    source: ModelSource,
+    model_dir: Path | None,
+    seed: int,
+    vocab_needed: int,
+    role: str = "model",
+    **load_kwargs,
 ) -> PreTrainedModel:
-    """Load (or, for ``model.config``, randomly initialise with ``seed``) the causal LM."""
-    dtype = DTYPES[model_cfg.dtype]
+    """Load (or, from ``config``, randomly initialise with ``seed``) a causal LM, with use_cache off."""
+    dtype = DTYPES[source.dtype]
     if model_dir is None:
-        fields = dict(model_cfg.config or {})
+        fields = dict(source.config or {})
         model_type = fields.pop("model_type")
         try:
             config = AutoConfig.for_model(model_type, **fields)
         except (ValueError, TypeError) as error:
-            raise UserError(f"model.config: {error}") from None
+            raise UserError(f"{role}.config: {error}") from None
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
+            model_dir, dtype=dtype, trust_remote_code=source.trust_remote_code, **load_kwargs
         )
     vocab = model.get_input_embeddings().num_embeddings
     if vocab < vocab_needed:
         raise UserError(
-            f"the tokenizer has {vocab_needed} tokens but the model's embedding has only {vocab}; "
-            "use the model's own tokenizer or raise vocab_size in model.config"
+            f"the tokenizer has {vocab_needed} tokens but the {role}'s embedding has only {vocab}; "
+            f"use the {role}'s own tokenizer or raise vocab_size in {role}.config"
         )
+    model.config.use_cache = False
+    return model
+
+
+def build_model(
+    model_cfg: ModelConfig, model_dir: Path | None, seed: int, vocab_needed: int
+) -> PreTrainedModel:
+    """The student: loaded, with gradient checkpointing if asked for."""
+    model = load_model(model_cfg, model_dir, seed, vocab_needed)
     if model_cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    model.config.use_cache = False
     return model

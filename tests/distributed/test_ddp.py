@@ -26,14 +26,20 @@ def variable_length_chat(path):
     return path
 
 
-@pytest.mark.parametrize("data", ["packed", "masked", "qat"])
-def test_two_process_ddp_matches_single_process(tmp_path, data):
+@pytest.mark.parametrize("data", ["packed", "masked", "qat", "kd"])
+def test_two_process_ddp_matches_single_process(tmp_path, data, request):
     extra = ["train.max_steps=6", "train.warmup_steps=0", "eval.every_steps=3", "checkpoint.every_steps=3"]
     if data == "masked":
         extra += [f"data.train_files=[{variable_length_chat(tmp_path / 'sft.jsonl')}]", "data.seq_len=96"]
     if data == "qat":  # learned scales and per-token activation quant under DDP
         rules = '{match: "*", weight: {dtype: int4, granularity: group, group_size: 32, learn_scale: true}, activation: w4a8}'
         extra += [f"quant={{rules: [{rules}]}}"]
+    if data == "kd":  # a frozen teacher on every rank, CE + forward KL
+        teacher = request.getfixturevalue("pretrained_tiny")
+        extra += [
+            f"teacher.path={teacher}",
+            "loss=[{kind: ce, weight: 0.5}, {kind: kd_kl, weight: 0.5, temperature: 2.0}]",
+        ]
     single = run_cli(
         "train",
         str(TINY),

@@ -57,19 +57,9 @@ def test_schedule_enables_fake_quant_after_n_steps_and_freezes_scales(tiny_confi
     assert not torch.equal(scale_before, scale_after)  # LSQ scales were trained
 
 
-def test_qat_recovers_ptq_loss_and_logs_recovered(tiny_config, tmp_path):
-    # A "pretrained" float model first, so that PTQ to int2 really hurts it.
-    base = tiny_config(
-        "train.max_steps=40", "train.warmup_steps=0", "eval.every_steps=0", run_dir=tmp_path / "base"
-    )
-    trainer = Trainer(base)
-    trainer.fit()
-    model_dir = tmp_path / "pretrained"
-    trainer.strategy.unwrap(trainer.parts.model).save_pretrained(model_dir)
-    trainer.close()
-    from lowbit.trainer.byte_tokenizer import byte_tokenizer
-
-    byte_tokenizer().save_pretrained(model_dir)
+def test_qat_recovers_ptq_loss_and_logs_recovered(tiny_config, tmp_path, pretrained_tiny):
+    # Start from a "pretrained" float model, so that PTQ to int2 really hurts it.
+    model_dir = pretrained_tiny
     qat = tiny_config(INT2.replace("model.layers.*", "*"), "quant.quantize_head=true", "model.config=null", "model.tokenizer=null", f"model.path={model_dir}",
                       "train.max_steps=30", "train.lr=1e-3", "train.warmup_steps=0", "eval.every_steps=15",
                       run_dir=tmp_path / "qat")  # fmt: skip

@@ -1,0 +1,106 @@
+"""Distillation through the trainer: frozen teacher, vocab checks, student from teacher layers, QAD."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowbit.quant import FakeQuantLinear
+from lowbit.trainer.byte_tokenizer import byte_tokenizer
+from lowbit.trainer.errors import UserError
+from lowbit.trainer.loop import Trainer
+
+KD = "loss=[{kind: ce, weight: 0.5}, {kind: kd_kl, weight: 0.5, temperature: 2.0}]"
+
+
+def test_kd_trains_the_student_and_never_the_teacher(tiny_config, pretrained_tiny, tmp_path):
+    cfg = tiny_config(KD, f"teacher.path={pretrained_tiny}", "train.max_steps=8", "train.warmup_steps=0",
+                      "eval.every_steps=0")  # fmt: skip
+    trainer = Trainer(cfg)
+    teacher = trainer.parts.teacher.model
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    optimized = {id(p) for group in trainer.parts.optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in optimized for p in teacher.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    result = trainer.fit()
+    trainer.close()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    lines = [
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ]
+    assert {"loss/ce", "loss/kd_kl"} <= set(lines[0])
+    assert lines[-1]["loss/kd_kl"] < lines[0]["loss/kd_kl"]  # the student moves towards the teacher
+    assert result["eval"]["val_loss"] < 5.0
+
+
+def test_student_initialised_from_chosen_teacher_layers(tiny_config, pretrained_tiny):
+    cfg = tiny_config(KD, f"teacher.path={pretrained_tiny}", "model.config=null", "model.tokenizer=null",
+                      "model.init_from_teacher=[1]", "train.max_steps=1", "train.warmup_steps=0")  # fmt: skip
+    trainer = Trainer(cfg)
+    student = trainer.strategy.unwrap(trainer.parts.model)
+    teacher = load_file(pretrained_tiny / "model.safetensors")
+    assert student.config.num_hidden_layers == 1
+    weights = student.state_dict()
+    assert torch.equal(
+        weights["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.1.mlp.up_proj.weight"]
+    )
+    assert torch.equal(weights["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
+    assert torch.equal(weights["model.norm.weight"], teacher["model.norm.weight"])
+    trainer.close()
+    with pytest.raises(UserError, match=r"layers \[5\] outside the teacher's 0..1"):
+        Trainer(tiny_config(KD, f"teacher.path={pretrained_tiny}", "model.config=null", "model.tokenizer=null",
+                            "model.init_from_teacher=[0, 5]"))  # fmt: skip
+
+
+def test_vocabulary_checks(tiny_config, pretrained_tiny, tmp_path):
+    other = tmp_path / "other_teacher"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (other / name).write_bytes((pretrained_tiny / name).read_bytes())
+    tokenizer = byte_tokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(UserError, match=r"tokenizers differ \(student 262 tokens, teacher 263\)"):
+        Trainer(tiny_config(KD, f"teacher.path={other}"))
+    # A padded student head (300 rows for 262 tokens) is compared on the shared range.
+    padded = tiny_config(KD, f"teacher.path={pretrained_tiny}", "model.config.vocab_size=300", "train.max_steps=2",
+                         "train.warmup_steps=0", run_dir=tmp_path / "padded")  # fmt: skip
+    trainer = Trainer(padded)
+    assert trainer.parts.teacher.shared_vocab == 262
+    trainer.fit()
+    trainer.close()
+
+
+def test_quantization_aware_distillation_composes(tiny_config, pretrained_tiny):
+    cfg = tiny_config(KD, f"teacher.path={pretrained_tiny}", "model.config=null", "model.tokenizer=null",
+                      f"model.path={pretrained_tiny}", 'quant={rules: [{match: "*", weight: w4a8, activation: w4a8}]}',
+                      "train.max_steps=3", "train.warmup_steps=0")  # fmt: skip
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.parts.model.model.layers[0].mlp.up_proj, FakeQuantLinear)
+    assert not isinstance(trainer.parts.teacher.model.model.layers[0].mlp.up_proj, FakeQuantLinear)
+    result = trainer.fit()
+    trainer.close()
+    assert "val_ppl" in result["eval"]
+
+
+def test_kd_without_teacher_is_a_config_error(tiny_config):
+    with pytest.raises(
+        UserError, match=r"loss term\(s\) kd_kl distill from a teacher, but none is configured"
+    ):
+        tiny_config(KD)
+
+
+def test_nf4_teacher_through_bitsandbytes(tiny_config, pretrained_tiny):
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_config("loss=[{kind: kd_kl}]", f"teacher.path={pretrained_tiny}", "teacher.load_in_4bit=true",
+                      "train.max_steps=2", "train.warmup_steps=0")  # fmt: skip
+    trainer = Trainer(cfg)
+    layer = trainer.parts.teacher.model.model.layers[0].mlp.up_proj
+    assert type(layer).__name__ == "Linear4bit" and layer.weight.dtype == torch.uint8
+    result = trainer.fit()
+    trainer.close()
+    assert result["step"] == 2
