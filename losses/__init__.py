@@ -1,6 +1,6 @@
 """Loss terms and the weighted objective (usable alone, without the trainer)."""
 
-from lowbit.losses import kd_terms  # noqa: F401 - registers kd_kl, kd_rkl, kd_jsd, kd_topk
+from lowbit.losses import hidden, kd_terms  # noqa: F401 - register kd_kl, kd_rkl, kd_jsd, kd_topk, hidden
 from lowbit.losses.kd import kd_divergence_sum, kd_loss, topk_kl_sum
 from lowbit.losses.objective import Objective, build_objective
 from lowbit.losses.registry import Registry, UnknownChoiceError
@@ -10,6 +10,7 @@ from lowbit.losses.terms import (
     CrossEntropyTerm,
     LossInputs,
     LossTerm,
+    ModelShapes,
     count_target_tokens,
     cross_entropy_mean,
     next_token_pairs,
@@ -21,6 +22,7 @@ __all__ = [
     "CrossEntropyTerm",
     "LossInputs",
     "LossTerm",
+    "ModelShapes",
     "Objective",
     "Registry",
     "UnknownChoiceError",

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LossInputs, LossTerm
+from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LossInputs, LossTerm, ModelShapes
 
 
 class Objective(nn.Module):
@@ -37,6 +37,11 @@ class Objective(nn.Module):
                 "the loss weights sum to 0: nothing would be trained; give at least one term a positive weight"
             )
         self.terms = nn.ModuleList(term for _, _, term in terms)
+
+    def configure(self, shapes: ModelShapes) -> None:
+        """Let each term fit itself to the models (layer maps, projection widths)."""
+        for term in self.terms:
+            term.configure(shapes)
 
     @property
     def needs(self) -> frozenset[str]:

@@ -31,6 +31,19 @@ class LossInputs:
     labels: Tensor
     student_logits: Tensor | None = None
     teacher_logits: Tensor | None = None
+    #: Per-layer hidden states as transformers returns them: [0] embeddings, [i] after layer i.
+    student_hidden: tuple[Tensor, ...] | None = None
+    teacher_hidden: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class ModelShapes:
+    """Widths and depths of the student and teacher, for terms that build parameters to fit them."""
+
+    student_hidden_size: int
+    student_layers: int
+    teacher_hidden_size: int | None = None
+    teacher_layers: int | None = None
 
 
 def count_target_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -53,6 +66,9 @@ class LossTerm(nn.Module):
     def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.ignore_index = ignore_index
+
+    def configure(self, shapes: ModelShapes) -> None:
+        """Called once the models exist: check layer maps, create projections. Default: nothing."""
 
 
 @LOSS_TERMS.register("ce")

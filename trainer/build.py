@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.losses import Objective, build_objective
+from lowbit.losses import ModelShapes, Objective, build_objective
 from lowbit.trainer.config import RunConfig
 from lowbit.trainer.data import Examples, StepBatches, load_splits
 from lowbit.trainer.errors import UserError
@@ -111,6 +111,14 @@ class Components:
     teacher: Teacher | None = None
 
 
+def model_shapes(student: nn.Module, teacher: Teacher | None) -> ModelShapes:
+    shapes = ModelShapes(student.config.hidden_size, student.config.num_hidden_layers)
+    if teacher is not None:
+        shapes.teacher_hidden_size = teacher.model.config.hidden_size
+        shapes.teacher_layers = teacher.model.config.num_hidden_layers
+    return shapes
+
+
 def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
     import_plugins(cfg.imports)
     seed_everything(cfg.train.seed)
@@ -123,9 +131,17 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
     if cfg.quant is not None:  # before wrapping and before the optimizer sees the parameters
         apply_quantization(built.model, cfg.quant, announce=strategy.is_main)
         hooks.insert(0, QuantSchedule(cfg.quant))
+    if any(need.startswith("teacher") for need in objective.needs) and built.teacher is None:
+        raise UserError(
+            "a loss term reads a teacher's outputs, but no teacher is configured: set teacher.path"
+        )
+    try:
+        objective.configure(model_shapes(built.model, built.teacher))
+    except ValueError as error:
+        raise UserError(f"loss: {error}") from None
     model = strategy.wrap(built.model)
     objective.to(strategy.device)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, objective)
     batches = StepBatches(
         built.train,
         cfg.train.micro_batch_size,

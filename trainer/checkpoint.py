@@ -88,10 +88,17 @@ def staging_dir(run_dir: Path, step: int) -> Path:
 
 
 def write_shared_files(
-    staging: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState, config_yaml: str
+    staging: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    config_yaml: str,
+    objective: nn.Module | None = None,
 ) -> None:
-    """Rank 0's part: weights, optimizer, trainer state, config."""
+    """Rank 0's part: weights (and any learned loss parameters), optimizer, trainer state, config."""
     save_model(model, str(staging / "model.safetensors"))
+    if objective is not None and any(True for _ in objective.parameters()):
+        save_model(objective, str(staging / "objective.safetensors"))
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     (staging / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2))
     (staging / "config.yaml").write_text(config_yaml)
@@ -192,10 +199,16 @@ def load_weights(checkpoint: Path, model: nn.Module) -> None:
 
 
 def load_checkpoint(
-    checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int
+    checkpoint: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    objective: nn.Module | None = None,
 ) -> TrainerState:
-    """Restore weights, optimizer and this rank's RNG; return the trainer state."""
+    """Restore weights (and learned loss parameters), optimizer and this rank's RNG."""
     load_weights(checkpoint, model)
+    if objective is not None and (checkpoint / "objective.safetensors").is_file():
+        load_model(objective, str(checkpoint / "objective.safetensors"))
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
     rng_file = checkpoint / f"rng-rank{rank}.pt"

@@ -213,6 +213,9 @@ class RunConfig:
     """Python modules or .py files imported before building, to register your own terms/hooks."""
 
 
+# Built-in loss terms that read a teacher's outputs (plugins are checked when the objective is built).
+TEACHER_TERMS = ("kd_kl", "kd_rkl", "kd_jsd", "kd_topk", "hidden")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("fp32", "bf16", "fp16"),
     "teacher.dtype": ("fp32", "bf16", "fp16"),

@@ -66,7 +66,11 @@ class Trainer:
         self.step = 0
         if resume_from is not None:
             state = ckpt.load_checkpoint(
-                resume_from, self.strategy.unwrap(self.parts.model), self.parts.optimizer, self.strategy.rank
+                resume_from,
+                self.strategy.unwrap(self.parts.model),
+                self.parts.optimizer,
+                self.strategy.rank,
+                self.parts.objective,
             )
             self.parts.scheduler.load_state_dict(state.scheduler)
             self.step = state.step
@@ -106,18 +110,22 @@ class Trainer:
             with strategy.no_sync(parts.model, sync=index == len(micro_batches) - 1):
                 with autocast(strategy.device, self.cfg.train.precision):
                     outputs = parts.model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        output_hidden_states="student_hidden" in needs,
                     )
-                inputs = self._loss_inputs(batch, outputs.logits, needs)
+                inputs = self._loss_inputs(batch, outputs, needs)
                 loss, terms = parts.objective(inputs, target_tokens)
                 # DDP averages gradients over ranks; the loss is already a global mean, so undo that.
                 (loss * strategy.world_size).backward()
             loss_total += loss.detach().double().cpu()
             for name, value in terms.items():
                 part_totals[name] = part_totals.get(name, 0) + value.double().cpu()
+        strategy.all_reduce_gradients(parts.objective)  # a loss term's own parameters are not in DDP
         grad_norm = None
         if self.cfg.train.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), self.cfg.train.max_grad_norm)
+            trainable = [*parts.model.parameters(), *parts.objective.parameters()]
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.max_grad_norm)
         lr = parts.optimizer.param_groups[0]["lr"]
         parts.optimizer.step()
         parts.scheduler.step()
@@ -135,20 +143,25 @@ class Trainer:
         metrics.update(tokens=int(input_tokens), tokens_per_s=input_tokens / elapsed, step_time_s=elapsed)
         return metrics
 
-    def _loss_inputs(self, batch: dict[str, torch.Tensor], student_logits: torch.Tensor, needs) -> LossInputs:
-        """What the loss terms read; the teacher runs only when a term asks for its logits."""
-        teacher_logits = None
-        if "teacher_logits" in needs:
-            teacher = self.parts.teacher
-            assert teacher is not None  # config validation requires a teacher for KD terms
-            with autocast(self.strategy.device, self.cfg.train.precision):
-                teacher_logits = teacher.logits(batch["input_ids"], batch["attention_mask"])
-            if teacher.shared_vocab is not None:
-                student_logits = student_logits[..., : teacher.shared_vocab]
-                teacher_logits = teacher_logits[..., : teacher.shared_vocab]
-        return LossInputs(
-            labels=batch["labels"], student_logits=student_logits, teacher_logits=teacher_logits
-        )
+    def _loss_inputs(self, batch: dict[str, torch.Tensor], outputs, needs) -> LossInputs:
+        """What the loss terms read; the teacher runs only when a term asks for its outputs."""
+        inputs = LossInputs(labels=batch["labels"], student_logits=outputs.logits)
+        if "student_hidden" in needs:
+            inputs.student_hidden = outputs.hidden_states
+        if not any(need.startswith("teacher") for need in needs):
+            return inputs
+        teacher = self.parts.teacher
+        assert teacher is not None  # checked when the objective was built
+        with autocast(self.strategy.device, self.cfg.train.precision):
+            teacher_outputs = teacher.forward(
+                batch["input_ids"], batch["attention_mask"], "teacher_hidden" in needs
+            )
+        inputs.teacher_logits = teacher_outputs.logits
+        inputs.teacher_hidden = teacher_outputs.hidden_states
+        if teacher.shared_vocab is not None:  # heads that differ only in padding rows
+            inputs.student_logits = inputs.student_logits[..., : teacher.shared_vocab]
+            inputs.teacher_logits = inputs.teacher_logits[..., : teacher.shared_vocab]
+        return inputs
 
     def _evaluate(self, quantized: bool | None = None) -> dict[str, float]:
         """Validation metrics; ``quantized`` forces fake quant on/off (None: as configured)."""
@@ -189,9 +202,8 @@ class Trainer:
             scheduler=parts.scheduler.state_dict(),
         )
         if strategy.is_main:
-            ckpt.write_shared_files(
-                staging, strategy.unwrap(parts.model), parts.optimizer, state, self.config_yaml
-            )
+            model = strategy.unwrap(parts.model)
+            ckpt.write_shared_files(staging, model, parts.optimizer, state, self.config_yaml, parts.objective)
         ckpt.write_rank_files(staging, strategy.rank)
         strategy.barrier()
         if strategy.is_main:

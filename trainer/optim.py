@@ -10,12 +10,13 @@ from torch import nn
 from lowbit.trainer.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, *extra: nn.Module) -> torch.optim.AdamW:
     """AdamW where matrices decay and 1-D parameters (biases, norm gains) do not.
 
+    ``extra`` modules (a loss term's learned projection) are optimised alongside the model.
     Frozen parameters (``requires_grad=False``: a teacher, a quantized base) get no state.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for module in (model, *extra) for p in module.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
     groups = [

@@ -65,6 +65,9 @@ class Strategy:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def all_reduce_gradients(self, module: nn.Module) -> None:
+        """Average the gradients of parameters that live outside the wrapped model."""
+
     def barrier(self) -> None:
         """Wait for every rank."""
 
@@ -122,6 +125,12 @@ class DDPStrategy(Strategy):
         reduced = tensor.detach().clone().to(self.device)
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
         return reduced.to(tensor.device)
+
+    def all_reduce_gradients(self, module: nn.Module) -> None:
+        for param in module.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+                param.grad /= self.world_size
 
     def barrier(self) -> None:
         dist.barrier()

@@ -32,8 +32,11 @@ class Teacher:
     shared_vocab: int | None  # None: identical output sizes, nothing to slice
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states: bool = False):
+        """The teacher's outputs (logits, and per-layer hidden states when asked), without autograd."""
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states
+        )
 
 
 def _output_size(model: nn.Module) -> int:

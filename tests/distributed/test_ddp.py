@@ -26,7 +26,7 @@ def variable_length_chat(path):
     return path
 
 
-@pytest.mark.parametrize("data", ["packed", "masked", "qat", "kd"])
+@pytest.mark.parametrize("data", ["packed", "masked", "qat", "kd", "hidden"])
 def test_two_process_ddp_matches_single_process(tmp_path, data, request):
     extra = ["train.max_steps=6", "train.warmup_steps=0", "eval.every_steps=3", "checkpoint.every_steps=3"]
     if data == "masked":
@@ -34,6 +34,10 @@ def test_two_process_ddp_matches_single_process(tmp_path, data, request):
     if data == "qat":  # learned scales and per-token activation quant under DDP
         rules = '{match: "*", weight: {dtype: int4, granularity: group, group_size: 32, learn_scale: true}, activation: w4a8}'
         extra += [f"quant={{rules: [{rules}]}}"]
+    if data == "hidden":  # a learned projection outside the DDP-wrapped model: its grads are averaged by hand
+        from tests.trainer.test_distill import HIDDEN, WIDE_TEACHER
+
+        extra += [HIDDEN, WIDE_TEACHER, "teacher.tokenizer=byte"]
     if data == "kd":  # a frozen teacher on every rank, CE + forward KL
         teacher = request.getfixturevalue("pretrained_tiny")
         extra += [

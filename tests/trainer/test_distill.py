@@ -104,3 +104,34 @@ def test_nf4_teacher_through_bitsandbytes(tiny_config, pretrained_tiny):
     result = trainer.fit()
     trainer.close()
     assert result["step"] == 2
+
+
+WIDE_TEACHER = (
+    "teacher.config={model_type: llama, vocab_size: 262, hidden_size: 96, intermediate_size: 128, "
+    "num_hidden_layers: 4, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}"
+)
+HIDDEN = "loss=[{kind: ce, weight: 1.0}, {kind: hidden, weight: 0.5, layer_map: [[1, 2], [2, 4]]}]"
+
+
+def test_hidden_term_with_projection_trains_saves_and_resumes(tiny_config, tmp_path):
+    common = (HIDDEN, WIDE_TEACHER, "teacher.tokenizer=byte", "train.warmup_steps=0", "eval.every_steps=0")
+    trainer = Trainer(tiny_config(*common, "train.max_steps=3", "checkpoint.every_steps=2"))
+    projection = trainer.parts.objective.terms[1].projection
+    assert projection.weight.shape == (96, 64)
+    before = projection.weight.detach().clone()
+    optimized = {id(p) for group in trainer.parts.optimizer.param_groups for p in group["params"]}
+    assert id(projection.weight) in optimized
+    trainer.fit()
+    trainer.close()
+    assert not torch.equal(before, projection.weight)
+    saved = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-000003" / "objective.safetensors")
+    assert torch.equal(saved["terms.1.projection.weight"], projection.weight.detach())
+    resumed = Trainer(tiny_config(*common, "train.max_steps=4"))
+    assert resumed.step == 3
+    assert torch.equal(
+        resumed.parts.objective.terms[1].projection.weight.detach(), projection.weight.detach()
+    )
+    resumed.close()
+    with pytest.raises(UserError, match=r"the teacher has hidden states 0..4"):
+        Trainer(tiny_config(HIDDEN.replace("[2, 4]", "[2, 7]"), WIDE_TEACHER, "teacher.tokenizer=byte",
+                            run_dir=tmp_path / "bad"))  # fmt: skip
