@@ -85,8 +85,22 @@ class TopKTerm(LossTerm):
         self.k, self.temperature, self.tail = k, float(temperature), tail
 
     def forward(self, inputs: LossInputs) -> Tensor:
+        if inputs.teacher_topk is not None:  # an offline cache: (values, indices, logsumexp) per position
+            if inputs.student_logits is None:
+                raise ValueError("kd_topk needs the student's logits")
+            values, indices, lse = (
+                t[..., :-1, :] if t.dim() == 3 else t[..., :-1] for t in inputs.teacher_topk
+            )
+            mask = inputs.labels[..., 1:] != self.ignore_index
+            student = inputs.student_logits[..., :-1, :]
+            return topk_kl_sum(student, values, indices, mask, self.temperature, lse if self.tail else None)
         student, teacher, mask = _positions(inputs, self.ignore_index)
-        scaled = teacher.float() / self.temperature
-        values, indices = teacher.float().topk(min(self.k, teacher.shape[-1]), dim=-1)
-        lse = scaled.logsumexp(-1) if self.tail else None
-        return topk_kl_sum(student, values, indices, mask, self.temperature, lse)
+        values, indices, lse = teacher_topk(teacher, self.k, self.temperature)
+        return topk_kl_sum(student, values, indices, mask, self.temperature, lse if self.tail else None)
+
+
+def teacher_topk(teacher_logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The teacher's k largest logits, their token ids, and logsumexp(z / T) over the vocabulary."""
+    logits = teacher_logits.float()
+    values, indices = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    return values, indices, (logits / temperature).logsumexp(-1)

@@ -34,6 +34,8 @@ class LossInputs:
     #: Per-layer hidden states as transformers returns them: [0] embeddings, [i] after layer i.
     student_hidden: tuple[Tensor, ...] | None = None
     teacher_hidden: tuple[Tensor, ...] | None = None
+    #: An offline teacher's top-k (values, indices, logsumexp(z/T)) per position, instead of its logits.
+    teacher_topk: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 @dataclass

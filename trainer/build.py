@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.losses import ModelShapes, Objective, build_objective
+from lowbit.losses.kd_terms import TopKTerm
 from lowbit.trainer.config import RunConfig
 from lowbit.trainer.data import Examples, StepBatches, load_splits
 from lowbit.trainer.errors import UserError
@@ -26,6 +27,7 @@ from lowbit.trainer.optim import build_optimizer, build_scheduler
 from lowbit.trainer.quantization import QuantSchedule, apply_quantization
 from lowbit.trainer.strategies import Strategy
 from lowbit.trainer.teacher import Teacher, align_vocab, build_teacher, student_from_teacher
+from lowbit.trainer.teacher_cache import TeacherCache, fingerprint, load_cache, topk_settings
 
 
 def import_plugins(imports: list[str]) -> None:
@@ -60,6 +62,7 @@ class ModelAndData:
     train: Examples
     val: Examples | None
     teacher: Teacher | None = None
+    teacher_cache: TeacherCache | None = None
 
 
 def _resolve_on_rank0_first(source, strategy: Strategy):
@@ -71,16 +74,24 @@ def _resolve_on_rank0_first(source, strategy: Strategy):
     return model_dir if strategy.is_main else resolve_model_dir(source)
 
 
-def build_model_and_data(cfg: RunConfig, strategy: Strategy, with_teacher: bool = True) -> ModelAndData:
-    """Tokenizer, unwrapped student (and frozen teacher) on CPU, and tokenized splits."""
+def build_model_and_data(
+    cfg: RunConfig, strategy: Strategy, with_teacher: bool = True, use_cache: bool = True
+) -> ModelAndData:
+    """Tokenizer, the unwrapped student (on CPU), the frozen teacher (on the device) or its offline
+    top-k cache, and the tokenized splits."""
     from_teacher = cfg.model.init_from_teacher is not None
-    teacher_dir = _resolve_on_rank0_first(cfg.teacher if (with_teacher or from_teacher) else None, strategy)
+    cached = use_cache and cfg.teacher is not None and cfg.teacher.cache is not None
+    run_teacher = with_teacher and cfg.teacher is not None and not cached
+    teacher_dir = _resolve_on_rank0_first(cfg.teacher if (run_teacher or from_teacher) else None, strategy)
     model_dir = _resolve_on_rank0_first(cfg.model, strategy)
-    tokenizer = build_tokenizer(
-        cfg.model, teacher_dir if from_teacher and not cfg.model.tokenizer else model_dir
-    )
+    if from_teacher and not cfg.model.tokenizer:
+        tokenizer = build_tokenizer(
+            cfg.teacher, teacher_dir
+        )  # a student made of teacher layers speaks its tokens
+    else:
+        tokenizer = build_tokenizer(cfg.model, model_dir)
     teacher = None
-    if cfg.teacher is not None and (with_teacher or from_teacher):
+    if cfg.teacher is not None and (run_teacher or from_teacher):
         teacher = build_teacher(cfg.teacher, teacher_dir, tokenizer, cfg.train.seed, strategy.device)
     if from_teacher:
         assert teacher is not None and cfg.model.init_from_teacher is not None
@@ -89,10 +100,41 @@ def build_model_and_data(cfg: RunConfig, strategy: Strategy, with_teacher: bool 
         model = build_model(cfg.model, model_dir, cfg.train.seed, len(tokenizer))
     if teacher is not None:
         align_vocab(teacher, model)
-        if not with_teacher:
+        if not run_teacher:
             teacher = None
     train, val = load_splits(cfg.data, tokenizer, cfg.train.seed)
-    return ModelAndData(tokenizer, model, train, val, teacher)
+    cache = None
+    if cached and with_teacher:
+        assert cfg.teacher is not None and cfg.teacher.cache is not None
+        k, temperature = topk_settings(cfg)
+        cache = load_cache(Path(cfg.teacher.cache), fingerprint(train, tokenizer, k, temperature))
+    return ModelAndData(tokenizer, model, train, val, teacher, cache)
+
+
+def check_teacher_inputs(objective: Objective, built: ModelAndData) -> None:
+    """Every term that reads the teacher must get what it reads: the live teacher, or a top-k cache."""
+    readers = [
+        name
+        for name, term in zip(objective.names, objective.terms)
+        if any(n.startswith("teacher") for n in term.needs)
+    ]
+    if not readers:
+        return
+    if built.teacher_cache is not None:
+        full = [
+            name
+            for name, term in zip(objective.names, objective.terms)
+            if name in readers and not isinstance(term, TopKTerm)
+        ]
+        if full:
+            raise UserError(
+                f"loss term(s) {', '.join(full)} need the teacher's full outputs, but teacher.cache holds only its "
+                "top-k logits: use kd_topk, or drop teacher.cache to run the teacher"
+            )
+    elif built.teacher is None:
+        raise UserError(
+            f"loss term(s) {', '.join(readers)} read a teacher's outputs, but no teacher is configured: set teacher.path"
+        )
 
 
 @dataclass
@@ -109,6 +151,7 @@ class Components:
     val: Examples | None
     hooks: list[StepHook]
     teacher: Teacher | None = None
+    teacher_cache: TeacherCache | None = None
 
 
 def model_shapes(student: nn.Module, teacher: Teacher | None) -> ModelShapes:
@@ -131,10 +174,7 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
     if cfg.quant is not None:  # before wrapping and before the optimizer sees the parameters
         apply_quantization(built.model, cfg.quant, announce=strategy.is_main)
         hooks.insert(0, QuantSchedule(cfg.quant))
-    if any(need.startswith("teacher") for need in objective.needs) and built.teacher is None:
-        raise UserError(
-            "a loss term reads a teacher's outputs, but no teacher is configured: set teacher.path"
-        )
+    check_teacher_inputs(objective, built)
     try:
         objective.configure(model_shapes(built.model, built.teacher))
     except ValueError as error:
@@ -163,4 +203,5 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
         built.val,
         hooks,
         built.teacher,
+        built.teacher_cache,
     )

@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="validation loss and perplexity of a model or run")
     evaluate.add_argument("target", help="a YAML recipe, a run directory or a checkpoint directory")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
+    cache = commands.add_parser(
+        "teacher-cache", help="store the teacher's top-k logits for the training data"
+    )
+    cache.add_argument("config")
+    cache.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
 
@@ -108,9 +113,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_cache(args: argparse.Namespace) -> int:
+    from lowbit.trainer.config import load_config
+    from lowbit.trainer.teacher_cache import build_cache
+
+    cfg = load_config(args.config, args.overrides)
+    summary = build_cache(cfg)
+    print(f"teacher cache {cfg.teacher.cache}: {summary['tokens']:,} tokens, {summary['bytes'] / 2**20:.1f} MiB, "
+          f"{summary['bytes_per_token']:.1f} bytes/token, {summary['seconds']:.1f}s")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"train": _train, "config": _config, "eval": _eval}[args.command]
+    command = {"train": _train, "config": _config, "eval": _eval, "teacher-cache": _teacher_cache}[
+        args.command
+    ]
     try:
         return command(args)
     except UserError as error:

@@ -51,6 +51,8 @@ class TeacherConfig(ModelSource):
 
     load_in_4bit: bool = False
     """Hold the teacher in NF4 (bitsandbytes) to save memory."""
+    cache: Optional[str] = None
+    """An offline top-k cache (``lowbit teacher-cache``) read instead of running the teacher."""
 
 
 @dataclass

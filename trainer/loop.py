@@ -150,6 +150,9 @@ class Trainer:
             inputs.student_hidden = outputs.hidden_states
         if not any(need.startswith("teacher") for need in needs):
             return inputs
+        if self.parts.teacher_cache is not None:  # offline teacher: its stored top-k for these examples
+            inputs.teacher_topk = self.parts.teacher_cache.lookup(batch["index"].cpu(), self.strategy.device)
+            return inputs
         teacher = self.parts.teacher
         assert teacher is not None  # checked when the objective was built
         with autocast(self.strategy.device, self.cfg.train.precision):

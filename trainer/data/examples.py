@@ -33,11 +33,13 @@ class Examples:
         return Examples(self.input_ids[index], self.labels[index], self.attention_mask[index])
 
     def batch(self, indices: Tensor | list[int]) -> dict[str, Tensor]:
+        """Model inputs for ``indices``, plus ``index`` (which examples: for an offline teacher cache)."""
         chosen = self.select(indices)
         return {
             "input_ids": chosen.input_ids,
             "labels": chosen.labels,
             "attention_mask": chosen.attention_mask,
+            "index": torch.as_tensor(indices, dtype=torch.long),
         }
 
 
