@@ -1,6 +1,6 @@
 """Loss terms and the weighted objective (usable alone, without the trainer)."""
 
-from lowbit.losses import hidden, kd_terms  # noqa: F401 - register kd_kl, kd_rkl, kd_jsd, kd_topk, hidden
+from lowbit.losses import attention, hidden, kd_terms  # noqa: F401 - register the KD terms
 from lowbit.losses.kd import kd_divergence_sum, kd_loss, topk_kl_sum
 from lowbit.losses.objective import Objective, build_objective
 from lowbit.losses.registry import Registry, UnknownChoiceError

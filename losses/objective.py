@@ -43,6 +43,10 @@ class Objective(nn.Module):
         for term in self.terms:
             term.configure(shapes)
 
+    def qkv_layers(self, role: str) -> list[int]:
+        """Layers whose q/k/v projections some term reads, for ``role`` "student" or "teacher"."""
+        return sorted({layer for term in self.terms for layer in term.qkv_layers.get(role, [])})
+
     @property
     def needs(self) -> frozenset[str]:
         """Union of the inputs the terms read."""

@@ -36,6 +36,9 @@ class LossInputs:
     teacher_hidden: tuple[Tensor, ...] | None = None
     #: An offline teacher's top-k (values, indices, logsumexp(z/T)) per position, instead of its logits.
     teacher_topk: tuple[Tensor, Tensor, Tensor] | None = None
+    #: Outputs of the q/k/v projections of chosen decoder layers: {layer: {"q": ..., "k": ..., "v": ...}}.
+    student_qkv: dict[int, dict[str, Tensor]] | None = None
+    teacher_qkv: dict[int, dict[str, Tensor]] | None = None
 
 
 @dataclass
@@ -71,6 +74,11 @@ class LossTerm(nn.Module):
 
     def configure(self, shapes: ModelShapes) -> None:
         """Called once the models exist: check layer maps, create projections. Default: nothing."""
+
+    @property
+    def qkv_layers(self) -> dict[str, list[int]]:
+        """Decoder layers whose q/k/v projections this term reads, per model ("student", "teacher")."""
+        return {}
 
 
 @LOSS_TERMS.register("ce")

@@ -216,7 +216,7 @@ class RunConfig:
 
 
 # Built-in loss terms that read a teacher's outputs (plugins are checked when the objective is built).
-TEACHER_TERMS = ("kd_kl", "kd_rkl", "kd_jsd", "kd_topk", "hidden")
+TEACHER_TERMS = ("kd_kl", "kd_rkl", "kd_jsd", "kd_topk", "hidden", "attn_relation")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("fp32", "bf16", "fp16"),

@@ -19,6 +19,7 @@ import torch
 from lowbit.losses import LossInputs, count_target_tokens
 from lowbit.trainer import checkpoint as ckpt
 from lowbit.trainer.build import Components, build_components
+from lowbit.trainer.capture import capture_qkv
 from lowbit.trainer.config import RunConfig, config_dict, to_yaml
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import autocast, evaluate
@@ -108,13 +109,17 @@ class Trainer:
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(strategy.device) for k, v in batch.items()}
             with strategy.no_sync(parts.model, sync=index == len(micro_batches) - 1):
-                with autocast(strategy.device, self.cfg.train.precision):
+                with (
+                    autocast(strategy.device, self.cfg.train.precision),
+                    capture_qkv(strategy.unwrap(parts.model), parts.objective.qkv_layers("student")) as qkv,
+                ):
                     outputs = parts.model(
                         input_ids=batch["input_ids"],
                         attention_mask=batch["attention_mask"],
                         output_hidden_states="student_hidden" in needs,
                     )
                 inputs = self._loss_inputs(batch, outputs, needs)
+                inputs.student_qkv = qkv if "student_qkv" in needs else None
                 loss, terms = parts.objective(inputs, target_tokens)
                 # DDP averages gradients over ranks; the loss is already a global mean, so undo that.
                 (loss * strategy.world_size).backward()
@@ -155,12 +160,16 @@ class Trainer:
             return inputs
         teacher = self.parts.teacher
         assert teacher is not None  # checked when the objective was built
-        with autocast(self.strategy.device, self.cfg.train.precision):
+        with (
+            autocast(self.strategy.device, self.cfg.train.precision),
+            capture_qkv(teacher.model, self.parts.objective.qkv_layers("teacher")) as teacher_qkv,
+        ):
             teacher_outputs = teacher.forward(
                 batch["input_ids"], batch["attention_mask"], "teacher_hidden" in needs
             )
         inputs.teacher_logits = teacher_outputs.logits
         inputs.teacher_hidden = teacher_outputs.hidden_states
+        inputs.teacher_qkv = teacher_qkv if "teacher_qkv" in needs else None
         if teacher.shared_vocab is not None:  # heads that differ only in padding rows
             inputs.student_logits = inputs.student_logits[..., : teacher.shared_vocab]
             inputs.teacher_logits = inputs.teacher_logits[..., : teacher.shared_vocab]

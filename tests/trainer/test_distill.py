@@ -135,3 +135,19 @@ def test_hidden_term_with_projection_trains_saves_and_resumes(tiny_config, tmp_p
     with pytest.raises(UserError, match=r"the teacher has hidden states 0..4"):
         Trainer(tiny_config(HIDDEN.replace("[2, 4]", "[2, 7]"), WIDE_TEACHER, "teacher.tokenizer=byte",
                             run_dir=tmp_path / "bad"))  # fmt: skip
+
+
+def test_attention_relation_distillation_runs_through_the_trainer(tiny_config):
+    cfg = tiny_config(WIDE_TEACHER, "teacher.tokenizer=byte", "train.max_steps=3", "train.warmup_steps=0",
+                      "loss=[{kind: ce}, {kind: attn_relation, weight: 1.0, layer_map: [[1, 3]], relation_heads: 4}]")  # fmt: skip
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    teacher_q = trainer.parts.teacher.model.model.layers[3].self_attn.q_proj
+    student_q = trainer.parts.model.model.layers[1].self_attn.q_proj
+    trainer.close()
+    assert not teacher_q._forward_hooks and not student_q._forward_hooks  # capture hooks are removed
+    lines = [
+        json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ]
+    assert all(line["loss/attn_relation"] > 0 for line in lines)
+    assert result["step"] == 3
