@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ SCHEMES = {
 
 
 def run(name: str, run_dir: Path, overrides: list[str], log) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own scratch: always a fresh run
     args = [sys.executable, "-m", "lowbit.trainer", "train", str(ROOT / "configs" / "quickstart.yaml"),
             f"run.output_dir={run_dir}", "checkpoint.every_steps=0", "log.progress=lines", *overrides]  # fmt: skip
     started = time.perf_counter()

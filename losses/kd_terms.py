@@ -11,20 +11,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from lowbit.losses.kd import KINDS, kd_divergence_sum, topk_kl_sum
-from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LossInputs, LossTerm
+from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LogitTerm, LossInputs
 
 
-def _positions(inputs: LossInputs, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Student and teacher logits at positions 0..L-2 and the mask of counted positions."""
-    if inputs.student_logits is None or inputs.teacher_logits is None:
-        raise ValueError(
-            "a KD term needs both the student's and the teacher's logits (is a teacher configured?)"
-        )
-    mask = inputs.labels[..., 1:] != ignore_index
-    return inputs.student_logits[..., :-1, :], inputs.teacher_logits[..., :-1, :], mask
-
-
-class DivergenceTerm(LossTerm):
+class DivergenceTerm(LogitTerm):
     """T² · divergence between teacher and student next-token distributions, in token chunks."""
 
     needs = frozenset({"student_logits", "teacher_logits"})
@@ -46,8 +36,9 @@ class DivergenceTerm(LossTerm):
             raise ValueError(f"kd_jsd needs 0 < beta < 1, got {beta}")
         self.temperature, self.beta, self.chunk_size = float(temperature), float(beta), chunk_size
 
-    def forward(self, inputs: LossInputs) -> Tensor:
-        student, teacher, mask = _positions(inputs, self.ignore_index)
+    def rows(self, student: Tensor, teacher: Tensor | None, targets: Tensor) -> Tensor:
+        assert teacher is not None
+        mask = targets != self.ignore_index
         return kd_divergence_sum(
             student, teacher, mask, self.kind, self.temperature, self.beta, self.chunk_size
         )
@@ -69,7 +60,7 @@ class JensenShannonTerm(DivergenceTerm):
 
 
 @LOSS_TERMS.register("kd_topk")
-class TopKTerm(LossTerm):
+class TopKTerm(LogitTerm):
     """KL over the teacher's top-k tokens (renormalised), optionally with the tail-mass bucket."""
 
     needs = frozenset({"student_logits", "teacher_logits"})
@@ -94,8 +85,12 @@ class TopKTerm(LossTerm):
             mask = inputs.labels[..., 1:] != self.ignore_index
             student = inputs.student_logits[..., :-1, :]
             return topk_kl_sum(student, values, indices, mask, self.temperature, lse if self.tail else None)
-        student, teacher, mask = _positions(inputs, self.ignore_index)
+        return super().forward(inputs)
+
+    def rows(self, student: Tensor, teacher: Tensor | None, targets: Tensor) -> Tensor:
+        assert teacher is not None
         values, indices, lse = teacher_topk(teacher, self.k, self.temperature)
+        mask = targets != self.ignore_index
         return topk_kl_sum(student, values, indices, mask, self.temperature, lse if self.tail else None)
 
 

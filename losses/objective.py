@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LossInputs, LossTerm, ModelShapes
+from lowbit.losses.fused_head import HeadInputs, head_chunked_sums
+from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LogitTerm, LossInputs, LossTerm, ModelShapes
 
 
 class Objective(nn.Module):
@@ -52,16 +53,30 @@ class Objective(nn.Module):
         """Union of the inputs the terms read."""
         return frozenset().union(*(term.needs for term in self.terms))
 
-    def forward(self, inputs: LossInputs, num_tokens: Tensor | int) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, inputs: LossInputs, num_tokens: Tensor | int, head: HeadInputs | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Return (weighted loss normalised by ``num_tokens``, {name: unweighted term sum}).
 
         ``num_tokens`` is the valid-token count of the whole optimizer step (all micro-batches,
-        all ranks), so per-micro-batch losses add up to the step's mean.
+        all ranks), so per-micro-batch losses add up to the step's mean. With ``head`` (the
+        fused-head path) the logit terms are computed chunk by chunk from hidden states.
         """
+        values: dict[str, Tensor] = {}
+        if head is not None:
+            fused = [
+                (name, term) for name, term in zip(self.names, self.terms) if isinstance(term, LogitTerm)
+            ]
+            sums = (
+                head_chunked_sums([term for _, term in fused], head, inputs.labels, fused[0][1].ignore_index)
+                if fused
+                else []
+            )
+            values.update({name: value for (name, _), value in zip(fused, sums)})
         total: Tensor | None = None
         parts: dict[str, Tensor] = {}
         for name, weight, term in zip(self.names, self.weights, self.terms):
-            value = term(inputs)
+            value = values[name] if name in values else term(inputs)
             parts[name] = value.detach()
             if weight != 0:
                 total = value * weight if total is None else total + value * weight

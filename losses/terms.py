@@ -8,6 +8,7 @@ loss — and so the gradient — independent of how the global batch was split, 
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -81,15 +82,36 @@ class LossTerm(nn.Module):
         return {}
 
 
-@LOSS_TERMS.register("ce")
-class CrossEntropyTerm(LossTerm):
-    """Next-token cross-entropy on the hard labels, log-softmax in fp32."""
+class LogitTerm(LossTerm, abc.ABC):
+    """A term computed from next-token logits alone, row by row.
+
+    ``rows(student, teacher, targets)`` takes flattened ``[tokens, vocab]`` logits and the targets
+    they predict; ``forward`` only flattens. The split lets the fused-head path hand the same
+    terms chunks of logits that it builds from hidden states, never the whole ``[tokens, vocab]``.
+    """
+
+    @abc.abstractmethod
+    def rows(self, student: Tensor, teacher: Tensor | None, targets: Tensor) -> Tensor:
+        """Sum of the term over rows whose target is not ignored."""
 
     def forward(self, inputs: LossInputs) -> Tensor:
         if inputs.student_logits is None:
-            raise ValueError("the 'ce' loss term needs the student's logits")
-        logits, targets = next_token_pairs(inputs.student_logits, inputs.labels)
-        return F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index, reduction="sum")
+            raise ValueError(f"the {type(self).__name__} loss term needs the student's logits")
+        student, targets = next_token_pairs(inputs.student_logits, inputs.labels)
+        teacher = None
+        if "teacher_logits" in self.needs:
+            if inputs.teacher_logits is None:
+                raise ValueError("a KD term needs the teacher's logits (is a teacher configured?)")
+            teacher, _ = next_token_pairs(inputs.teacher_logits, inputs.labels)
+        return self.rows(student, teacher, targets)
+
+
+@LOSS_TERMS.register("ce")
+class CrossEntropyTerm(LogitTerm):
+    """Next-token cross-entropy on the hard labels, log-softmax in fp32."""
+
+    def rows(self, student: Tensor, teacher: Tensor | None, targets: Tensor) -> Tensor:
+        return F.cross_entropy(student.float(), targets, ignore_index=self.ignore_index, reduction="sum")
 
 
 def cross_entropy_mean(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -84,10 +84,8 @@ def build_model_and_data(
     run_teacher = with_teacher and cfg.teacher is not None and not cached
     teacher_dir = _resolve_on_rank0_first(cfg.teacher if (run_teacher or from_teacher) else None, strategy)
     model_dir = _resolve_on_rank0_first(cfg.model, strategy)
-    if from_teacher and not cfg.model.tokenizer:
-        tokenizer = build_tokenizer(
-            cfg.teacher, teacher_dir
-        )  # a student made of teacher layers speaks its tokens
+    if from_teacher and not cfg.model.tokenizer:  # a student made of teacher layers speaks its tokens
+        tokenizer = build_tokenizer(cfg.teacher, teacher_dir)
     else:
         tokenizer = build_tokenizer(cfg.model, model_dir)
     teacher = None
@@ -155,6 +153,7 @@ class Components:
 
 
 def model_shapes(student: nn.Module, teacher: Teacher | None) -> ModelShapes:
+    """Widths and depths that loss terms with parameters (projections) or layer maps check against."""
     shapes = ModelShapes(student.config.hidden_size, student.config.num_hidden_layers)
     if teacher is not None:
         shapes.teacher_hidden_size = teacher.model.config.hidden_size

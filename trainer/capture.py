@@ -1,4 +1,5 @@
-"""Capture intermediate outputs (q/k/v projections) of chosen layers during a forward pass."""
+"""Capture intermediate outputs during a forward pass: q/k/v projections, or the final hidden
+states in place of the logits (the fused-head path)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,23 @@ def capture_qkv(model: nn.Module, layers: list[int]) -> Iterator[dict[int, dict[
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def head_as_identity(model: nn.Module) -> Iterator[nn.Module]:
+    """During the block the model's output head is the identity, so ``outputs.logits`` are the final
+    (post-norm) hidden states; yields the real head, to be applied chunk by chunk by the loss."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UserError(
+            f"train.fused_head_chunk needs a causal LM with an output head; {type(model).__name__} has none"
+        )
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise UserError(
+            "train.fused_head_chunk: this model soft-caps its logits after the head; turn the option off"
+        )
+    model.set_output_embeddings(nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)

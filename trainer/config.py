@@ -105,6 +105,9 @@ class TrainConfig:
     """Clip the global gradient norm; 0 disables clipping."""
     precision: str = "fp32"
     """Autocast: fp32 (off) | bf16."""
+    fused_head_chunk: int = 0
+    """0: the model computes full logits. N: the logit loss terms (ce, kd_*) build logits from the
+    final hidden states N tokens at a time, so [tokens × vocab] logits never exist."""
     seed: int = 42
     """Seeds model init, data shuffling and every RNG."""
 
@@ -335,6 +338,10 @@ def _validate(cfg: RunConfig, source: str) -> None:
             fail(f"{key} must be 0 (off) or positive")
     if not cfg.loss:
         fail("loss is empty; e.g. loss: [{kind: ce, weight: 1.0}]")
+    if cfg.train.fused_head_chunk < 0:
+        fail("train.fused_head_chunk must be 0 (off) or a positive number of tokens")
+    if cfg.train.fused_head_chunk and cfg.teacher is not None and cfg.teacher.cache is not None:
+        fail("train.fused_head_chunk does not combine with teacher.cache: set one of them")
     if cfg.quant is not None and not cfg.quant.rules:
         fail("quant.rules is empty; e.g. quant: {rules: [{match: '*', weight: w4a8, activation: w4a8}]}")
     for entry in (*cfg.loss, *cfg.hooks):

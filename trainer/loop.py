@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lowbit.losses import LossInputs, count_target_tokens
+from lowbit.losses.fused_head import HeadInputs
 from lowbit.trainer import checkpoint as ckpt
 from lowbit.trainer.build import Components, build_components
-from lowbit.trainer.capture import capture_qkv
+from lowbit.trainer.capture import capture_qkv, head_as_identity
 from lowbit.trainer.config import RunConfig, config_dict, to_yaml
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import autocast, evaluate
@@ -106,21 +108,28 @@ class Trainer:
         loss_total = torch.zeros((), dtype=torch.float64)
         part_totals: dict[str, torch.Tensor] = {}
         needs = parts.objective.needs
+        fused = self.cfg.train.fused_head_chunk > 0
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(strategy.device) for k, v in batch.items()}
             with strategy.no_sync(parts.model, sync=index == len(micro_batches) - 1):
+                unwrapped = strategy.unwrap(parts.model)
                 with (
                     autocast(strategy.device, self.cfg.train.precision),
-                    capture_qkv(strategy.unwrap(parts.model), parts.objective.qkv_layers("student")) as qkv,
+                    capture_qkv(unwrapped, parts.objective.qkv_layers("student")) as qkv,
+                    head_as_identity(unwrapped) if fused else contextlib.nullcontext() as student_head,
                 ):
                     outputs = parts.model(
                         input_ids=batch["input_ids"],
                         attention_mask=batch["attention_mask"],
                         output_hidden_states="student_hidden" in needs,
                     )
-                inputs = self._loss_inputs(batch, outputs, needs)
+                inputs, head = self._loss_inputs(batch, outputs, needs, student_head)
                 inputs.student_qkv = qkv if "student_qkv" in needs else None
-                loss, terms = parts.objective(inputs, target_tokens)
+                # The fused head applies the lm_head inside the loss: under the forward's autocast.
+                with (
+                    autocast(strategy.device, self.cfg.train.precision) if fused else contextlib.nullcontext()
+                ):
+                    loss, terms = parts.objective(inputs, target_tokens, head)
                 # DDP averages gradients over ranks; the loss is already a global mean, so undo that.
                 (loss * strategy.world_size).backward()
             loss_total += loss.detach().double().cpu()
@@ -148,32 +157,45 @@ class Trainer:
         metrics.update(tokens=int(input_tokens), tokens_per_s=input_tokens / elapsed, step_time_s=elapsed)
         return metrics
 
-    def _loss_inputs(self, batch: dict[str, torch.Tensor], outputs, needs) -> LossInputs:
-        """What the loss terms read; the teacher runs only when a term asks for its outputs."""
-        inputs = LossInputs(labels=batch["labels"], student_logits=outputs.logits)
+    def _loss_inputs(
+        self, batch: dict[str, torch.Tensor], outputs, needs, student_head: nn.Module | None
+    ) -> tuple[LossInputs, HeadInputs | None]:
+        """What the loss terms read; the teacher runs only when a term asks for its outputs.
+
+        With the fused head (``student_head`` given) ``outputs.logits`` hold final hidden states
+        and the logit terms get them, with the heads, as ``HeadInputs`` instead of logits.
+        """
+        inputs = LossInputs(labels=batch["labels"], student_logits=None if student_head else outputs.logits)
+        head = None
+        if student_head is not None:
+            head = HeadInputs(outputs.logits, student_head, chunk_size=self.cfg.train.fused_head_chunk)
         if "student_hidden" in needs:
             inputs.student_hidden = outputs.hidden_states
         if not any(need.startswith("teacher") for need in needs):
-            return inputs
+            return inputs, head
         if self.parts.teacher_cache is not None:  # offline teacher: its stored top-k for these examples
             inputs.teacher_topk = self.parts.teacher_cache.lookup(batch["index"].cpu(), self.strategy.device)
-            return inputs
+            return inputs, head
         teacher = self.parts.teacher
         assert teacher is not None  # checked when the objective was built
         with (
             autocast(self.strategy.device, self.cfg.train.precision),
             capture_qkv(teacher.model, self.parts.objective.qkv_layers("teacher")) as teacher_qkv,
+            head_as_identity(teacher.model) if head else contextlib.nullcontext() as teacher_head,
         ):
             teacher_outputs = teacher.forward(
                 batch["input_ids"], batch["attention_mask"], "teacher_hidden" in needs
             )
-        inputs.teacher_logits = teacher_outputs.logits
         inputs.teacher_hidden = teacher_outputs.hidden_states
         inputs.teacher_qkv = teacher_qkv if "teacher_qkv" in needs else None
+        if head is not None:
+            head.teacher_hidden, head.teacher_head = teacher_outputs.logits, teacher_head
+            return inputs, head
+        inputs.teacher_logits = teacher_outputs.logits
         if teacher.shared_vocab is not None:  # heads that differ only in padding rows
             inputs.student_logits = inputs.student_logits[..., : teacher.shared_vocab]
             inputs.teacher_logits = inputs.teacher_logits[..., : teacher.shared_vocab]
-        return inputs
+        return inputs, head
 
     def _evaluate(self, quantized: bool | None = None) -> dict[str, float]:
         """Validation metrics; ``quantized`` forces fake quant on/off (None: as configured)."""

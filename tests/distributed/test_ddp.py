@@ -26,7 +26,7 @@ def variable_length_chat(path):
     return path
 
 
-@pytest.mark.parametrize("data", ["packed", "masked", "qat", "kd", "hidden"])
+@pytest.mark.parametrize("data", ["packed", "masked", "qat", "kd", "hidden", "fused"])
 def test_two_process_ddp_matches_single_process(tmp_path, data, request):
     extra = ["train.max_steps=6", "train.warmup_steps=0", "eval.every_steps=3", "checkpoint.every_steps=3"]
     if data == "masked":
@@ -38,12 +38,14 @@ def test_two_process_ddp_matches_single_process(tmp_path, data, request):
         from tests.trainer.test_distill import HIDDEN, WIDE_TEACHER
 
         extra += [HIDDEN, WIDE_TEACHER, "teacher.tokenizer=byte"]
-    if data == "kd":  # a frozen teacher on every rank, CE + forward KL
+    if data in ("kd", "fused"):  # a frozen teacher on every rank, CE + forward KL
         teacher = request.getfixturevalue("pretrained_tiny")
         extra += [
             f"teacher.path={teacher}",
             "loss=[{kind: ce, weight: 0.5}, {kind: kd_kl, weight: 0.5, temperature: 2.0}]",
         ]
+    if data == "fused":  # logits built chunk by chunk from hidden states; the head's grads reduced by DDP
+        extra += ["train.fused_head_chunk=64"]
     single = run_cli(
         "train",
         str(TINY),

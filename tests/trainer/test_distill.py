@@ -151,3 +151,28 @@ def test_attention_relation_distillation_runs_through_the_trainer(tiny_config):
     ]
     assert all(line["loss/attn_relation"] > 0 for line in lines)
     assert result["step"] == 3
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_fused_head_path_trains_like_full_logits(tiny_config, pretrained_tiny, tmp_path, with_teacher):
+    extra = [KD, f"teacher.path={pretrained_tiny}", "model.config.vocab_size=300"] if with_teacher else []
+    common = ("train.max_steps=4", "train.warmup_steps=0", "eval.every_steps=0", *extra)
+    full = Trainer(tiny_config(*common, run_dir=tmp_path / "full"))
+    full.fit()
+    full.close()
+    fused = Trainer(tiny_config(*common, "train.fused_head_chunk=50", run_dir=tmp_path / "fused"))
+    fused.fit()
+    fused.close()
+
+    def lines(run):
+        return [
+            json.loads(x)
+            for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in x
+        ]
+
+    for a, b in zip(lines("full"), lines("fused")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        if with_teacher:  # a padded student head (300) against the teacher's 262: the shared range
+            assert b["loss/kd_kl"] == pytest.approx(a["loss/kd_kl"], rel=1e-4)
+    assert isinstance(fused.strategy.unwrap(fused.parts.model).lm_head, torch.nn.Linear)  # the head is back
