@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LossInputs, LossTerm, ModelShapes
+from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LossInputs, LossTerm, ModelShapes, parse_layer_map
 
 PROJECTIONS = ("q", "k", "v")
 
@@ -51,13 +51,9 @@ class AttentionRelationTerm(LossTerm):
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__(ignore_index)
-        if not layer_map or any(len(pair) != 2 for pair in layer_map):
-            raise ValueError(
-                "attn_relation: layer_map must be a non-empty list of [student_layer, teacher_layer] pairs"
-            )
         if relation_heads < 1:
             raise ValueError(f"attn_relation: relation_heads must be >= 1, got {relation_heads}")
-        self.layer_map = [(int(s), int(t)) for s, t in layer_map]
+        self.layer_map = parse_layer_map("attn_relation", layer_map)
         self.relation_heads = relation_heads
 
     @property

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LossInputs, LossTerm, ModelShapes
+from lowbit.losses.terms import IGNORE_INDEX, LOSS_TERMS, LossInputs, LossTerm, ModelShapes, parse_layer_map
 
 DISTANCES = ("mse", "cosine")
 
@@ -32,11 +32,7 @@ class HiddenStateTerm(LossTerm):
         super().__init__(ignore_index)
         if distance not in DISTANCES:
             raise ValueError(f"hidden: unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
-        if not layer_map or any(len(pair) != 2 for pair in layer_map):
-            raise ValueError(
-                "hidden: layer_map must be a non-empty list of [student_layer, teacher_layer] pairs"
-            )
-        self.layer_map = [(int(s), int(t)) for s, t in layer_map]
+        self.layer_map = parse_layer_map("hidden", layer_map)
         self.distance = distance
         self.projection: nn.Module = nn.Identity()
 

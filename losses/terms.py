@@ -63,6 +63,15 @@ def next_token_pairs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return logits[..., :-1, :].reshape(-1, vocab), labels[..., 1:].reshape(-1)
 
 
+def parse_layer_map(term: str, layer_map: list[list[int]] | None) -> list[tuple[int, int]]:
+    """``[[student_layer, teacher_layer], ...]`` from config as int pairs, or a clear error."""
+    if not layer_map or any(len(pair) != 2 for pair in layer_map):
+        raise ValueError(
+            f"{term}: layer_map must be a non-empty list of [student_layer, teacher_layer] pairs"
+        )
+    return [(int(student), int(teacher)) for student, teacher in layer_map]
+
+
 class LossTerm(nn.Module):
     """Base class: ``forward(inputs) -> Tensor`` (a scalar sum over valid target tokens)."""
 

@@ -104,10 +104,9 @@ class FakeQuantLinear(nn.Linear):
         copied transposed.
         """
         weight, bias = _linear_weight(linear)
+        # A group size that does not divide fails here, at the swap, not mid-training.
         if weight_spec is not None:
-            block_len(
-                weight.shape, weight_spec
-            )  # a group size that does not divide fails here, not mid-training
+            block_len(weight.shape, weight_spec)
         if activation_spec is not None:
             block_len((weight.shape[1],), activation_spec)
         module = cls(weight.shape[1], weight.shape[0], bias is not None, device="meta")
