@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # `deepspeed --module lowbit.trainer ...` inserts --local_rank=N before our arguments; the rank
+    # itself is read from the environment (LOCAL_RANK), so the flag is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser("train", help="train from a YAML recipe (+ key=value overrides)")
     train.add_argument(

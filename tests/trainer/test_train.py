@@ -204,9 +204,11 @@ def test_unknown_hook_and_missing_plugin_are_user_errors(tiny_config):
         Trainer(tiny_config("imports=[no_such_plugin_mod]"))
 
 
-def test_python_dash_m_runs_the_cli():
+def test_python_dash_m_runs_the_cli_and_accepts_deepspeeds_local_rank_flag():
     done = run_cli("--help")
     assert done.returncode == 0 and "train" in done.stdout and "eval" in done.stdout
+    launched = run_cli("--local_rank=0", "config", str(TINY))  # as `deepspeed --module` calls us
+    assert launched.returncode == 0 and "model_type: llama" in launched.stdout
 
 
 def test_gradient_checkpointing_gives_the_same_losses_and_bf16_autocast_trains(tiny_config, tmp_path):
