@@ -8,7 +8,9 @@ Variants, each in its own subprocess so peak memory is its own:
   ``LigerFusedLinearCrossEntropyLoss``, when installed (Triton: CUDA only).
 
 Peak memory is ``torch.cuda.max_memory_allocated`` above the inputs on a GPU, and the growth of
-the process's peak RSS on a CPU.
+the process's peak RSS on a CPU — there the children run with ``MALLOC_MMAP_THRESHOLD_=131072``
+so that glibc returns freed blocks to the OS and the RSS peak is the real peak (its default
+threshold grows after frees and keeps freed memory in the heap, hiding any saving).
 
     python benchmarks/kd_memory.py                                  # CUDA: T=4096, H=2048, V=128256, bf16
     python benchmarks/kd_memory.py --tokens 1024 --hidden 256 --vocab 32000     # CPU-sized
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -124,7 +127,8 @@ def main() -> None:
         base_time = None
         for variant in ("naive", "lowbit", "liger"):
             command = [sys.executable, __file__, "--variant", variant, "--loss", loss, *sys.argv[1:]]
-            done = subprocess.run(command, capture_output=True, text=True)
+            env = os.environ if torch.cuda.is_available() else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
                 rows.append((loss, variant, None, None, reason[:60]))
