@@ -127,7 +127,11 @@ def main() -> None:
         base_time = None
         for variant in ("naive", "lowbit", "liger"):
             command = [sys.executable, __file__, "--variant", variant, "--loss", loss, *sys.argv[1:]]
-            env = os.environ if torch.cuda.is_available() else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            env = (
+                os.environ
+                if torch.cuda.is_available()
+                else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            )
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"

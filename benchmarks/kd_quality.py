@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from recipe_runs import ROOT, run_recipe
+
 STUDENT_LOSSES = {
     "CE only": "loss=[{kind: ce, weight: 1.0}]",
     "KD (forward KL, T=2)": "loss=[{kind: ce, weight: 0.5}, {kind: kd_kl, weight: 0.5, temperature: 2.0}]",
@@ -29,27 +26,6 @@ STUDENT_LOSSES = {
         "{kind: hidden, weight: 0.5, layer_map: [[5, 10], [10, 20], [15, 30]], distance: cosine}]"
     ),
 }
-
-
-def run(recipe: str, run_dir: Path, overrides: list[str], log) -> dict:
-    shutil.rmtree(run_dir, ignore_errors=True)
-    args = [sys.executable, "-m", "lowbit.trainer", "train", str(ROOT / "configs" / recipe),
-            f"run.output_dir={run_dir}", "checkpoint.every_steps=0", "log.progress=lines", *overrides]  # fmt: skip
-    started = time.perf_counter()
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    log.write(f"== {recipe} {overrides}\n{done.stdout}\n{done.stderr}\n")
-    log.flush()
-    if done.returncode != 0:
-        raise SystemExit(f"{recipe} failed:\n{done.stderr[-3000:]}")
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [x for x in lines if "val_ppl" in x]
-    baselines = next((x for x in lines if "val_ppl_ptq" in x), {})
-    return {
-        "first": evals[0],
-        "final": evals[-1],
-        "baselines": baselines,
-        "minutes": (time.perf_counter() - started) / 60,
-    }
 
 
 def main() -> None:
@@ -70,14 +46,14 @@ def main() -> None:
         common = [f"train.max_steps={args.student_steps}", "eval.every_steps=0", "eval.at_start=true"]
         for name, loss in STUDENT_LOSSES.items():
             slug = name.split(" (")[0].replace(" ", "_").replace("+", "plus")
-            r = run("kd_smollm2_15layer.yaml", runs_dir / f"student_{slug}", [*common, loss], log)
+            r = run_recipe("kd_smollm2_15layer.yaml", runs_dir / f"student_{slug}", [*common, loss], log)
             results["students"][name] = {
                 "start": r["first"]["val_ppl"],
                 "final": r["final"]["val_ppl"],
                 "minutes": r["minutes"],
             }
             Path(args.out).write_text(json.dumps(results, indent=2))
-        qad = run(
+        qad = run_recipe(
             "qad_w4a8.yaml",
             runs_dir / "qad_w4a8",
             [f"train.max_steps={args.qad_steps}", "eval.every_steps=0"],

@@ -20,40 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from recipe_runs import ROOT, run_recipe
 
 SCHEMES = {
     "w4a8 (int4 g32 sym + int8 token)": '{match: "*", weight: w4a8, activation: w4a8}',
     "int4 per-channel": '{match: "*", weight: {dtype: int4, granularity: channel}}',
     "int3 g64": '{match: "*", weight: {dtype: int3, granularity: group, group_size: 64}}',
 }
-
-
-def run(name: str, run_dir: Path, overrides: list[str], log) -> dict:
-    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own scratch: always a fresh run
-    args = [sys.executable, "-m", "lowbit.trainer", "train", str(ROOT / "configs" / "quickstart.yaml"),
-            f"run.output_dir={run_dir}", "checkpoint.every_steps=0", "log.progress=lines", *overrides]  # fmt: skip
-    started = time.perf_counter()
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    log.write(f"== {name}\n{done.stdout}\n{done.stderr}\n")
-    log.flush()
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [x for x in lines if "val_ppl" in x]
-    baselines = next((x for x in lines if "val_ppl_ptq" in x), {})
-    return {
-        "first": evals[0],
-        "final": evals[-1],
-        "baselines": baselines,
-        "minutes": (time.perf_counter() - started) / 60,
-    }
 
 
 def main() -> None:
@@ -79,8 +54,11 @@ def main() -> None:
     results: dict = {"steps": args.steps, "lr": args.lr, "tokens_per_step": 4 * 256, "schemes": {}}
     runs_dir.mkdir(parents=True, exist_ok=True)
     with open(runs_dir / "runs.log", "w") as log:
-        floating = run(
-            "float FT", runs_dir / "float_ft", [*common, "eval.at_start=true", "checkpoint.resume=never"], log
+        floating = run_recipe(
+            "quickstart.yaml",
+            runs_dir / "float_ft",
+            [*common, "eval.at_start=true", "checkpoint.resume=never"],
+            log,
         )
         results["float_start_ppl"] = floating["first"]["val_ppl"]
         results["float_ft_ppl"] = floating["final"]["val_ppl"]
@@ -88,8 +66,8 @@ def main() -> None:
         for scheme in args.schemes:
             rules = f"quant={{rules: [{SCHEMES[scheme]}]}}"
             slug = scheme.split(" (")[0].replace(" ", "_")
-            qat = run(
-                scheme,
+            qat = run_recipe(
+                "quickstart.yaml",
                 runs_dir / f"qat_{slug}",
                 [*common, "eval.at_start=false", "checkpoint.resume=never", rules],
                 log,
