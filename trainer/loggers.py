@@ -162,9 +162,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         assert self.jsonl is not None and self.wandb is not None
-        if self.progress is not None:
-            self.progress.update(step, metrics)
-        if step % self.cfg.every_steps == 0 or step == (self.progress.max_steps if self.progress else step):
+        assert self.progress is not None  # start() runs before the first step
+        self.progress.update(step, metrics)
+        if step % self.cfg.every_steps == 0 or step == self.progress.max_steps:
             self.jsonl.write({"step": step, **metrics})
             self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
 

@@ -203,7 +203,7 @@ class Trainer:
         batch_size = self.cfg.eval.batch_size or self.cfg.train.micro_batch_size
         if quantized is None:
             quantized = self.cfg.quant is not None  # a QAT model is judged as it will be deployed
-        with quantizers_enabled(self.parts.model, quantized) if self.cfg.quant else contextlib.nullcontext():
+        with quantizers_enabled(self.parts.model, quantized):  # a no-op for a model without quantizers
             return evaluate(
                 self.parts.model, self.parts.val, batch_size, self.strategy, self.cfg.train.precision
             )

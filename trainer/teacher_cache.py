@@ -94,46 +94,48 @@ def build_cache(cfg: RunConfig) -> dict[str, Any]:
         raise UserError("set teacher.path (the model to cache) and teacher.cache (where to write it)")
     k, temperature = topk_settings(cfg)
     strategy = build_strategy(cfg.strategy)
-    seed_everything(cfg.train.seed)
-    built = build_model_and_data(cfg, strategy, with_teacher=True, use_cache=False)
-    assert built.teacher is not None
-    started = time.perf_counter()
-    batch_size = cfg.eval.batch_size or cfg.train.micro_batch_size
-    values, indices, lse = [], [], []
-    for start in range(0, len(built.train), batch_size):
-        batch = built.train.batch(list(range(start, min(start + batch_size, len(built.train)))))
-        with autocast(strategy.device, cfg.train.precision):
-            logits = built.teacher.forward(
-                batch["input_ids"].to(strategy.device), batch["attention_mask"].to(strategy.device)
-            ).logits
-        if built.teacher.shared_vocab is not None:
-            logits = logits[..., : built.teacher.shared_vocab]
-        top_values, top_indices, top_lse = teacher_topk(logits, k, temperature)
-        values.append(top_values.half().cpu())
-        indices.append(top_indices.cpu())
-        lse.append(top_lse.float().cpu())
-    all_indices = torch.cat(indices)
-    small_vocab = int(all_indices.max()) < 2 * INT16_OFFSET
-    tensors = {
-        "values": torch.cat(values).contiguous(),
-        "indices": (
-            (all_indices - INT16_OFFSET).to(torch.int16) if small_vocab else all_indices.int()
-        ).contiguous(),
-        "logsumexp": torch.cat(lse).contiguous(),
-    }
-    target = Path(cfg.teacher.cache)
-    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file(tensors, str(staging / TENSORS))
-    tokens = built.train.input_ids.numel()
-    bytes_total = sum(t.numel() * t.element_size() for t in tensors.values())
-    summary = {"tokens": tokens, "bytes": bytes_total, "bytes_per_token": bytes_total / tokens,
-               "seconds": time.perf_counter() - started}  # fmt: skip
-    meta = {"fingerprint": fingerprint(built.train, built.tokenizer, k, temperature), "summary": summary}
-    (staging / META).write_text(json.dumps(meta, indent=2))
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    strategy.teardown()
+    try:
+        seed_everything(cfg.train.seed)
+        built = build_model_and_data(cfg, strategy, with_teacher=True, use_cache=False)
+        assert built.teacher is not None
+        started = time.perf_counter()
+        batch_size = cfg.eval.batch_size or cfg.train.micro_batch_size
+        values, indices, lse = [], [], []
+        for start in range(0, len(built.train), batch_size):
+            batch = built.train.batch(list(range(start, min(start + batch_size, len(built.train)))))
+            with autocast(strategy.device, cfg.train.precision):
+                logits = built.teacher.forward(
+                    batch["input_ids"].to(strategy.device), batch["attention_mask"].to(strategy.device)
+                ).logits
+            if built.teacher.shared_vocab is not None:
+                logits = logits[..., : built.teacher.shared_vocab]
+            top_values, top_indices, top_lse = teacher_topk(logits, k, temperature)
+            values.append(top_values.half().cpu())
+            indices.append(top_indices.cpu())
+            lse.append(top_lse.float().cpu())
+        all_indices = torch.cat(indices)
+        small_vocab = int(all_indices.max()) < 2 * INT16_OFFSET
+        tensors = {
+            "values": torch.cat(values).contiguous(),
+            "indices": (
+                (all_indices - INT16_OFFSET).to(torch.int16) if small_vocab else all_indices.int()
+            ).contiguous(),
+            "logsumexp": torch.cat(lse).contiguous(),
+        }
+        target = Path(cfg.teacher.cache)
+        staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_file(tensors, str(staging / TENSORS))
+        tokens = built.train.input_ids.numel()
+        bytes_total = sum(t.numel() * t.element_size() for t in tensors.values())
+        summary = {"tokens": tokens, "bytes": bytes_total, "bytes_per_token": bytes_total / tokens,
+                   "seconds": time.perf_counter() - started}  # fmt: skip
+        meta = {"fingerprint": fingerprint(built.train, built.tokenizer, k, temperature), "summary": summary}
+        (staging / META).write_text(json.dumps(meta, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:  # a failure half-way still releases the process group
+        strategy.teardown()
     return summary

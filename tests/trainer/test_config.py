@@ -96,7 +96,9 @@ def test_cli_config_prints_resolved_yaml_and_bad_key_exits_2():
 def test_cli_unknown_loss_kind_lists_known(tmp_path):
     done = run_cli("train", str(TINY), f"run.output_dir={tmp_path}", "loss=[{kind: cee}]")
     assert done.returncode == 2, done.stderr
-    assert "unknown loss term 'cee'. Did you mean: 'ce'? Known: attn_relation, ce, hidden, kd_jsd" in done.stderr
+    assert (
+        "unknown loss term 'cee'. Did you mean: 'ce'? Known: attn_relation, ce, hidden, kd_jsd" in done.stderr
+    )
     assert "Traceback" not in done.stderr
 
 
