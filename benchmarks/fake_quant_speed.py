@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lowbit.quant import QuantSpec, quantize_model
-from lowbit.quant.fused import fused_fake_quantize_blocks
+from lowbit.quant.fused import compile_fake_quantize, fused_fake_quantize
 from lowbit.quant.grids import fake_quantize_blocks, to_blocks
 
 
@@ -52,13 +52,13 @@ def kernel_table(device: torch.device, dtype: torch.dtype, rows: int, cols: int,
     spec = QuantSpec("int4", "group", 32)
     weight = torch.randn(rows, cols, device=device, dtype=dtype)
     out = torch.empty_like(weight)
+    tuned = compile_fake_quantize(spec, coordinate_descent_tuning=True)
     moved = 2 * weight.numel() * weight.element_size()  # read the weight, write its fake quant
     candidates: dict[str, Callable[[], object]] = {
         "device copy (baseline)": lambda: out.copy_(weight),
         "lowbit eager": lambda: fake_quantize_blocks(to_blocks(weight, spec), spec)[0].to(dtype),
-        "lowbit fused (compiled)": lambda: fused_fake_quantize_blocks(to_blocks(weight, spec), spec).to(
-            dtype
-        ),
+        "lowbit fused (compiled)": lambda: fused_fake_quantize(weight, spec),
+        "lowbit fused, tuned": lambda: tuned(weight),
     }
     try:
         from torchao.quantization.qat import IntxFakeQuantizeConfig
@@ -134,6 +134,7 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile step timings")
+    parser.add_argument("--kernel-only", action="store_true", help="skip the training-step table")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type == "cpu"
@@ -141,6 +142,8 @@ def main() -> None:
     rows, cols = (2048, 2048) if small else (8192, 8192)
     kernel_table(device, dtype, rows, cols, args.repeat)
     hidden, layers, seq, vocab = (256, 4, 256, 8192) if small else (2048, 16, 2048, 32000)
+    if args.kernel_only:
+        return
     modes = [False] if args.no_compile else [False, True]
     step_table(device, dtype, hidden, layers, seq, vocab, max(5, args.repeat // 4), modes)
 

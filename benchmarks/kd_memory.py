@@ -3,7 +3,9 @@
 Variants, each in its own subprocess so peak memory is its own:
 
 * ``naive``: both heads produce full logits, fp32 log-softmax, forward KL (or CE);
-* ``lowbit``: the fused-head path (``lowbit.losses.fused_head``), logits built per token chunk;
+* ``lowbit``: the fused-head path (``lowbit.losses.fused_head``), logits built per token chunk
+  and their gradient taken in the forward; per chunk size, with the per-chunk loss eager and
+  compiled (``LOWBIT_FUSED_HEAD_BACKEND``);
 * ``liger``: Liger Kernel's ``LigerFusedLinearJSD`` (β→0 is forward KL) /
   ``LigerFusedLinearCrossEntropyLoss``, when installed (Triton: CUDA only).
 
@@ -36,16 +38,21 @@ def inputs(args, device, dtype):
     def make(*shape, scale=1.0):
         return (torch.randn(*shape, generator=generator) * scale).to(device, dtype)
 
+    def head(requires_grad: bool) -> torch.nn.Linear:
+        layer = torch.nn.Linear(args.hidden, args.vocab, bias=False, device="meta")
+        layer.weight = torch.nn.Parameter(make(args.vocab, args.hidden, scale=args.hidden**-0.5), requires_grad)
+        return layer
+
     hidden = make(args.tokens, args.hidden).requires_grad_(True)
     teacher_hidden = make(args.tokens, args.hidden)
-    weight = make(args.vocab, args.hidden, scale=args.hidden**-0.5).requires_grad_(True)
-    teacher_weight = make(args.vocab, args.hidden, scale=args.hidden**-0.5)
+    student_head, teacher_head = head(True), head(False)
     labels = torch.randint(0, args.vocab, (args.tokens,), generator=generator).to(device)
-    return hidden, teacher_hidden, weight, teacher_weight, labels
+    return hidden, teacher_hidden, student_head, teacher_head, labels
 
 
 def step(variant: str, loss: str, tensors, chunk: int):
-    hidden, teacher_hidden, weight, teacher_weight, labels = tensors
+    hidden, teacher_hidden, student_head, teacher_head, labels = tensors
+    weight, teacher_weight = student_head.weight, teacher_head.weight
     if variant == "naive":
         logits = (hidden @ weight.T).float()
         if loss == "ce":
@@ -54,7 +61,7 @@ def step(variant: str, loss: str, tensors, chunk: int):
             with torch.no_grad():
                 teacher_log = F.log_softmax((teacher_hidden @ teacher_weight.T).float(), -1)
             value = F.kl_div(F.log_softmax(logits, -1), teacher_log, log_target=True, reduction="batchmean")
-    elif variant == "lowbit":
+    elif variant.startswith("lowbit"):
         from lowbit.losses import LossInputs, build_objective
         from lowbit.losses.fused_head import HeadInputs
 
@@ -63,8 +70,8 @@ def step(variant: str, loss: str, tensors, chunk: int):
         # Our terms count positions 0..T-2 predicting labels 1..T-1: shift the labels in by one.
         shifted = torch.cat([labels[:1], labels]).unsqueeze(0)
         head = HeadInputs(
-            torch.cat([hidden, hidden[:1]]).unsqueeze(0), lambda h: h @ weight.T,
-            torch.cat([teacher_hidden, teacher_hidden[:1]]).unsqueeze(0), lambda h: h @ teacher_weight.T, chunk,
+            torch.cat([hidden, hidden[:1]]).unsqueeze(0), student_head,
+            torch.cat([teacher_hidden, teacher_hidden[:1]]).unsqueeze(0), teacher_head, chunk,
         )  # fmt: skip
         value, _ = objective(LossInputs(labels=shifted), labels.numel(), head)
     else:
@@ -73,7 +80,7 @@ def step(variant: str, loss: str, tensors, chunk: int):
         if loss == "ce":
             value = LigerFusedLinearCrossEntropyLoss()(weight, hidden, labels)
         else:
-            value = LigerFusedLinearJSD(jsd_beta=0.0)(hidden, weight, teacher_hidden, teacher_weight)
+            value = LigerFusedLinearJSD(jsd_beta=0.0)(hidden, weight, teacher_hidden, teacher_weight, None)
     value.backward()
     return value
 
@@ -82,7 +89,7 @@ def child(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tensors = inputs(args, device, dtype)
-    if args.variant == "lowbit":  # import before measuring: module memory is not the loss's
+    if args.variant.startswith("lowbit"):  # import before measuring: module memory is not the loss's
         import lowbit.losses.fused_head  # noqa: F401
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -92,7 +99,7 @@ def child(args) -> None:
     step(args.variant, args.loss, tensors, args.chunk)  # warm-up (kernel compilation, allocator)
     times = []
     for _ in range(args.repeat):
-        tensors[0].grad = tensors[2].grad = None
+        tensors[0].grad = tensors[2].weight.grad = None
         started = time.perf_counter()
         step(args.variant, args.loss, tensors, args.chunk)
         if device.type == "cuda":
@@ -107,6 +114,18 @@ def child(args) -> None:
     )
 
 
+def variants(args) -> list[tuple[str, int, str]]:
+    """(variant, chunk, fused-head backend) rows: naive, ours per chunk and backend, Liger."""
+    ours = [("lowbit", int(chunk), "eager") for chunk in args.eager_chunks.split(",") if chunk]
+    if torch.cuda.is_available():
+        ours += [("lowbit", int(chunk), "compile") for chunk in args.chunks.split(",")]
+    return [("naive", 0, "eager"), *ours, ("liger", 0, "eager")]
+
+
+def label(variant: str, chunk: int, backend: str) -> str:
+    return f"lowbit c{chunk} {backend}" if variant == "lowbit" else variant
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,7 +133,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--chunks", default="512,1024", help="fused-head chunk sizes, compiled (CUDA)")
+    parser.add_argument("--eager-chunks", default="256", help="fused-head chunk sizes, eager")
+    parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--loss", help=argparse.SUPPRESS)
@@ -122,42 +143,29 @@ def main() -> None:
     if args.variant:
         child(args)
         return
-    rows = []
+    print(f"loss forward+backward from hidden states: T={args.tokens}, H={args.hidden}, V={args.vocab}")
+    print(f"{'loss':<4} | {'variant':<22} | {'extra memory':>12} | {'time':>9} | vs naive")
+    print("-" * 71, flush=True)
     for loss in ("kd", "ce"):
         base_time = None
-        for variant in ("naive", "lowbit", "liger"):
-            command = [sys.executable, __file__, "--variant", variant, "--loss", loss, *sys.argv[1:]]
-            env = (
-                os.environ
-                if torch.cuda.is_available()
-                else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-            )
+        for variant, chunk, backend in variants(args):
+            command = [sys.executable, __file__, "--variant", variant, "--loss", loss, "--chunk", str(chunk),
+                       *sys.argv[1:]]  # fmt: skip
+            env = {**os.environ, "LOWBIT_FUSED_HEAD_BACKEND": backend}
+            if not torch.cuda.is_available():
+                env["MALLOC_MMAP_THRESHOLD_"] = "131072"
             done = subprocess.run(command, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
+            name = label(variant, chunk, backend)
+            if done.returncode != 0:  # printed as it comes, so a run cut short keeps its rows
                 reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
-                rows.append((loss, variant, None, None, reason[:60]))
+                print(f"{loss:<4} | {name:<22} | {'-':>12} | {'-':>9} | {reason[:60]}", flush=True)
                 continue
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            base_time = base_time or result["seconds"]
-            rows.append(
-                (
-                    loss,
-                    variant,
-                    result["extra_bytes"],
-                    result["seconds"],
-                    f"{result['seconds'] / base_time:.2f}x",
-                )
-            )
-    print(
-        f"\nloss forward+backward from hidden states: T={args.tokens}, H={args.hidden}, V={args.vocab}, chunk {args.chunk}"
-    )
-    print(f"{'loss':<4} | {'variant':<7} | {'extra memory':>12} | {'time':>9} | vs naive")
-    print("-" * 56)
-    for loss, variant, extra, seconds, note in rows:
-        memory = f"{extra / 2**30:.2f} GiB" if extra is not None else "-"
-        timing = f"{seconds * 1e3:.1f}ms" if seconds is not None else "-"
-        print(f"{loss:<4} | {variant:<7} | {memory:>12} | {timing:>9} | {note}")
-
+            seconds = result["seconds"]
+            base_time = base_time or seconds
+            memory = f"{result['extra_bytes'] / 2**30:.2f} GiB"
+            print(f"{loss:<4} | {name:<22} | {memory:>12} | {seconds * 1e3:>7.1f}ms | {seconds / base_time:.2f}x",
+                  flush=True)  # fmt: skip
 
 if __name__ == "__main__":
     main()

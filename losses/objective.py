@@ -63,20 +63,25 @@ class Objective(nn.Module):
         fused-head path) the logit terms are computed chunk by chunk from hidden states.
         """
         values: dict[str, Tensor] = {}
+        total: Tensor | None = None
         if head is not None:
             fused = [
-                (name, term) for name, term in zip(self.names, self.terms) if isinstance(term, LogitTerm)
+                (name, weight, term)
+                for name, weight, term in zip(self.names, self.weights, self.terms)
+                if isinstance(term, LogitTerm)
             ]
-            sums = (
-                head_chunked_sums([term for _, term in fused], head, inputs.labels, fused[0][1].ignore_index)
-                if fused
-                else []
-            )
-            values.update({name: value for (name, _), value in zip(fused, sums)})
-        total: Tensor | None = None
+            if fused:
+                total, sums = head_chunked_sums(
+                    [term for _, _, term in fused], [weight for _, weight, _ in fused], head,
+                    inputs.labels, fused[0][2].ignore_index,
+                )  # fmt: skip
+                values.update({name: value for (name, _, _), value in zip(fused, sums)})
         parts: dict[str, Tensor] = {}
         for name, weight, term in zip(self.names, self.weights, self.terms):
-            value = values[name] if name in values else term(inputs)
+            if name in values:  # fused: already weighted into ``total``
+                parts[name] = values[name]
+                continue
+            value = term(inputs)
             parts[name] = value.detach()
             if weight != 0:
                 total = value * weight if total is None else total + value * weight

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from lowbit.quant.fused import fused_fake_quantize_blocks, use_compiled
+from lowbit.quant.fused import fused_fake_quantize, use_compiled
 from lowbit.quant.grids import QParams, code_range, fake_quantize_blocks, int_range, qparams, to_blocks
 from lowbit.quant.spec import QuantSpec
 
@@ -22,10 +22,10 @@ from lowbit.quant.spec import QuantSpec
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, spec: QuantSpec) -> Tensor:  # type: ignore[override]
-        blocks = to_blocks(x, spec)
         ctx.clipped = spec.ste == "clipped"
         if not ctx.clipped and not torch.compiler.is_compiling() and use_compiled(x, spec):
-            return fused_fake_quantize_blocks(blocks, spec).reshape(x.shape).to(x.dtype)
+            return fused_fake_quantize(x, spec)
+        blocks = to_blocks(x, spec)
         out, params, _ = fake_quantize_blocks(blocks, spec)
         if ctx.clipped:
             low, high = code_range(params, spec)

@@ -18,7 +18,7 @@ import os
 import torch
 from torch import Tensor
 
-from lowbit.quant.grids import fake_quantize_blocks
+from lowbit.quant.grids import fake_quantize_blocks, to_blocks
 from lowbit.quant.spec import INT_BITS, QuantSpec
 
 BACKENDS = ("auto", "compile", "eager")
@@ -41,18 +41,35 @@ def use_compiled(x: Tensor, spec: QuantSpec) -> bool:
 
 @functools.cache
 def _compiled(spec: QuantSpec):
-    """One compiled function per spec (the spec's fields are constants inside the kernel)."""
+    return compile_fake_quantize(spec)
 
-    def run(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out, params, codes = fake_quantize_blocks(blocks, spec)
-        return out, params.scale, codes
 
+def compile_fake_quantize(spec: QuantSpec, **inductor_options):
+    """A compiled fake quant for ``spec`` (the spec's fields are constants inside the kernel).
+
+    One compiled function per spec (the spec's fields are constants inside the kernel).
+
+    It takes the tensor as stored and returns its fake quant in the same dtype and shape, and
+    nothing else: the fp32 block view, the scales and the codes stay in registers, so the
+    kernel reads the weight once and writes the result once (returning the fp32 output or the
+    codes as well would more than double the memory traffic).
+    """
+
+    def run(x: Tensor) -> Tensor:
+        out, _, _ = fake_quantize_blocks(to_blocks(x, spec), spec)
+        return out.reshape(x.shape).to(x.dtype)
+
+    # Every spec's ``run`` shares one code object, and Dynamo counts recompilations per code
+    # object (specs x dtypes x shape families): raise its limit, which fullgraph would otherwise
+    # turn into a hard error on a model with many layer shapes. ``dynamic=None`` compiles a
+    # shape-generic kernel once a second shape is seen, instead of one kernel per layer shape.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # emulate_precision_casts: keep the fp16 rounding of stored scales (GGUF) that Inductor would
     # otherwise fold away as a redundant cast, changing results.
-    return torch.compile(run, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
+    options = {"emulate_precision_casts": True, **inductor_options}
+    return torch.compile(run, dynamic=None, fullgraph=True, options=options)
 
 
-def fused_fake_quantize_blocks(blocks: Tensor, spec: QuantSpec) -> Tensor:
-    """Dequantized blocks, computed by the compiled kernel for ``spec``."""
-    out, _, _ = _compiled(spec)(blocks)
-    return out
+def fused_fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
+    """``x`` fake-quantized by the compiled kernel for ``spec`` (same shape and dtype)."""
+    return _compiled(spec)(x)

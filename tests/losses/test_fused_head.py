@@ -16,8 +16,14 @@ TERMS = [
 ]
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 4096])
-def test_fused_head_equals_full_logits_values_and_gradients(chunk):
+@pytest.mark.parametrize(
+    "chunk,head_kind",
+    [(1, "linear"), (7, "linear"), (4096, "linear"), (7, "callable"), (4096, "callable"), (7, "compiled")],
+)
+def test_fused_head_equals_full_logits_values_and_gradients(chunk, head_kind, monkeypatch):
+    """Linear heads take gradients in the forward (eager or compiled); other callables checkpoint."""
+    if head_kind == "compiled":
+        monkeypatch.setenv("LOWBIT_FUSED_HEAD_BACKEND", "compile")
     generator = torch.Generator().manual_seed(chunk)
     student_hidden = torch.randn(2, 9, 16, generator=generator)
     teacher_hidden = torch.randn(2, 9, 24, generator=generator)
@@ -31,7 +37,8 @@ def test_fused_head_equals_full_logits_values_and_gradients(chunk):
         hidden = student_hidden.clone().requires_grad_(True)
         student_head.zero_grad()
         if fused:
-            head = HeadInputs(hidden, student_head, teacher_hidden, teacher_head, chunk_size=chunk)
+            head_fn = student_head if head_kind != "callable" else (lambda h: student_head(h))
+            head = HeadInputs(hidden, head_fn, teacher_hidden, teacher_head, chunk_size=chunk)
             loss, parts = objective(LossInputs(labels=labels), num_tokens, head=head)
         else:
             inputs = LossInputs(
@@ -48,3 +55,36 @@ def test_fused_head_equals_full_logits_values_and_gradients(chunk):
     assert torch.allclose(grad_a, grad_b, rtol=1e-4, atol=1e-7)
     assert torch.allclose(weight_a, weight_b, rtol=1e-4, atol=1e-7)
     assert teacher_head.weight.grad is None
+
+
+def test_fused_head_with_fake_quant_head_and_padded_teacher_vocab():
+    """A fake-quant head is a linear map on its quantized weight; the gradient reaches the float
+    weight through the STE; a teacher with 8 padding rows is compared on the shared 40."""
+    from lowbit.quant import QuantSpec
+    from lowbit.quant.modules import FakeQuantLinear
+
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 11, 32, generator=generator)
+    teacher_hidden = torch.randn(2, 11, 32, generator=generator)
+    head = FakeQuantLinear.from_linear(torch.nn.Linear(32, 40, bias=False), QuantSpec("int4", "group", 16))
+    teacher_head = torch.nn.Linear(32, 48, bias=False)
+    labels = torch.randint(0, 40, (2, 11), generator=generator)
+    objective = build_objective(TERMS)
+    num_tokens = int(labels[:, 1:].numel())
+    grads = []
+    for fused in (False, True):
+        states = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        if fused:
+            inputs, head_inputs = LossInputs(labels=labels), HeadInputs(states, head, teacher_hidden, teacher_head, 5)
+        else:
+            inputs = LossInputs(labels, student_logits=head(states), teacher_logits=teacher_head(teacher_hidden)[..., :40])
+            head_inputs = None
+        loss, _ = objective(inputs, num_tokens, head=head_inputs)
+        loss.backward()
+        grads.append((loss.detach(), states.grad, head.weight.grad.clone()))
+    (loss_a, states_a, weight_a), (loss_b, states_b, weight_b) = grads
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    assert torch.allclose(states_a, states_b, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(weight_a, weight_b, rtol=1e-4, atol=1e-7)
+    assert weight_b.abs().sum() > 0

@@ -39,6 +39,19 @@ def test_compiled_path_is_bit_identical_to_eager(spec, monkeypatch):
     assert torch.equal(w.grad, upstream)  # the STE passes the gradient straight through
 
 
+@pytest.mark.parametrize("spec", SPECS[:2] + SPECS[4:6], ids=lambda s: s.describe())
+def test_compiled_path_keeps_bf16_weights_bit_identical(spec, monkeypatch):
+    """The kernel reads and writes the stored dtype; its result is the eager fp32 grid cast back."""
+    monkeypatch.setenv("LOWBIT_FAKE_QUANT_BACKEND", "compile")
+    generator = torch.Generator().manual_seed(1)
+    for shape in [(64, 128), (32, 256), (48, 96)]:  # layer shapes differ: one shape-generic kernel
+        w = (torch.randn(shape, generator=generator) * 2).to(torch.bfloat16)
+        fused = fake_quantize(w, spec)
+        eager = fake_quantize_blocks(to_blocks(w, spec), spec)[0].reshape(w.shape).to(torch.bfloat16)
+        assert fused.dtype == torch.bfloat16
+        assert torch.equal(fused, eager)
+
+
 def test_backend_setting(monkeypatch):
     spec, x = QuantSpec("int4", "group", 32), torch.zeros(2, 32)
     monkeypatch.setenv("LOWBIT_FAKE_QUANT_BACKEND", "auto")
