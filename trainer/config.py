@@ -177,6 +177,20 @@ class StrategyConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Export the trained model when training ends (as ``lowbit export RUN_DIR`` would)."""
+
+    format: str = "gguf-q8_0"
+    """One of ``lowbit export``'s formats: gguf-q8_0/q4_0/q4_1/tq2_0/tq1_0/f16, compressed-tensors, bitnet, bnb-nf4."""
+    out: Optional[str] = None
+    """Output path (default: ``<run.output_dir>/export/<format>``, ``.gguf`` for GGUF)."""
+    ptq: bool = False
+    """Round-to-nearest quantize a float-trained model with the format's preset."""
+    float_type: str = "f16"
+    """How GGUF stores the tensors the scheme leaves in float: f16, bf16 or f32."""
+
+
+@dataclass
 class QuantConfig:
     """Quantization-aware training: fake-quant layers chosen by rules (first match wins)."""
 
@@ -210,6 +224,8 @@ class RunConfig:
     """Quantization-aware training (absent: a float run)."""
     teacher: Optional[TeacherConfig] = None
     """Frozen teacher for the KD loss terms (absent: no distillation)."""
+    export: Optional[ExportConfig] = None
+    """Export when training ends (absent: no export)."""
     loss: list[dict[str, Any]] = field(default_factory=lambda: [{"kind": "ce", "weight": 1.0}])
     """Weighted loss terms: ``[{kind: ce, weight: 1.0}, ...]``."""
     hooks: list[dict[str, Any]] = field(default_factory=list)
@@ -232,6 +248,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log.wandb.mode": ("disabled", "offline", "online"),
     "strategy.backend": ("auto", "nccl", "gloo"),
     "strategy.device": ("auto", "cpu", "cuda"),
+    "export.float_type": ("f16", "bf16", "f32"),
 }
 
 
@@ -288,11 +305,16 @@ def _validate(cfg: RunConfig, source: str) -> None:
         raise UserError(f"{source}: {message}")
 
     for key, allowed in CHOICES.items():
-        if key.startswith("teacher.") and cfg.teacher is None:
+        if (key.startswith("teacher.") and cfg.teacher is None) or (key.startswith("export.") and cfg.export is None):
             continue
         value = _get(cfg, key)
         if value not in allowed:
             fail(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
+    if cfg.export is not None:
+        from lowbit.trainer.export import FORMATS
+
+        if cfg.export.format not in FORMATS:
+            fail(f"export.format: unknown format {cfg.export.format!r}; choose one of {', '.join(FORMATS)}")
     sources = [
         cfg.model.path is not None,
         cfg.model.config is not None,

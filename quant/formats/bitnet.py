@@ -1,0 +1,218 @@
+"""Hugging Face BitNet checkpoints (``quant_method: bitnet``), as ``transformers.integrations.bitnet`` loads them.
+
+A ternary weight ``[out, in]`` is stored as ``weight`` uint8 ``[out / 4, in]``, four ternary values
+per byte, and ``weight_scale`` ``[1]`` in the model's dtype; every other tensor is stored as is.
+``config.json`` carries a ``quantization_config`` that makes ``from_pretrained`` swap each
+quantized ``nn.Linear`` for transformers' ``BitLinear`` (or ``AutoBitLinear``).
+
+Which scale is stored depends on the layer class, because the two apply it differently:
+
+* ``bitlinear`` (transformers' default class; ``extra["linear_class"]``): the output is *divided* by ``weight_scale``, so it holds
+  ``1 / scale``. The weight it stands for, ``codes / (1 / scale)``, can differ from our
+  ``codes * scale`` in the last bit or two (two roundings; < 2^-22 relative in float32).
+* ``autobitlinear`` in ``offline`` mode (what we write by default, as Microsoft's
+  bitnet-b1.58-2B-4T does): the output is *multiplied* by ``weight_scale = scale``, bit for bit
+  our dequantization.
+
+transformers keeps ``weight_scale`` in the model's dtype. For a bfloat16 model that rounds the
+scale to bfloat16, which is exactly what the bf16 fake-quant forward does to ``±scale``, so
+``autobitlinear`` stays bit-exact; ``bitlinear``'s rounded reciprocal is off by up to 2^-9 relative.
+
+Both layers always quantize their input per token to int8 with an absmax scale, which is our
+``bitnet`` preset's activation quantizer; ``check`` insists every quantized layer was trained with
+it, since the exported model would otherwise compute something other than the trained one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lowbit.quant.formats import ExportError, ExportInputs
+
+VALUES_PER_BYTE = 4  # 2 bits per ternary value
+LINEAR_CLASSES = ("bitlinear", "autobitlinear")
+WEIGHTS_NAME = "model.safetensors"
+# What BitLinear does to its input: int8, one absmax scale per token, kept in float32.
+BITLINEAR_INPUT = ("int8", "token", True, "fp32")
+
+
+# -- packing ------------------------------------------------------------------------------------------
+
+
+def pack_ternary(codes: Tensor) -> Tensor:
+    """Pack ternary codes ``{-1, 0, 1}`` of shape ``[rows, ...]`` into uint8 ``[ceil(rows / 4), ...]``.
+
+    transformers' layout (``integrations.bitnet.pack_weights``): the *first* dimension is split into
+    four consecutive chunks of ``ceil(rows / 4)`` rows; chunk ``i`` goes into bits ``2i..2i+1`` of
+    every byte, as ``code + 1`` (so -1, 0, 1 are stored as 0, 1, 2). Row ``r`` of the packed tensor
+    therefore holds rows ``r``, ``r + R``, ``r + 2R``, ``r + 3R`` of the weight (``R = rows / 4``),
+    not four neighbours. Missing rows (``rows`` not a multiple of 4) are stored as zero bits.
+    """
+    rows = codes.shape[0]
+    chunk = -(-rows // VALUES_PER_BYTE)
+    stored = (codes.to(torch.int16) + 1).to(torch.uint8)
+    padding = torch.zeros((VALUES_PER_BYTE * chunk - rows, *codes.shape[1:]), dtype=torch.uint8)
+    stored = torch.cat([stored, padding.to(stored.device)])
+    packed = torch.zeros((chunk, *codes.shape[1:]), dtype=torch.uint8, device=codes.device)
+    for i in range(VALUES_PER_BYTE):
+        packed |= stored[i * chunk : (i + 1) * chunk] << (2 * i)
+    return packed
+
+
+def unpack_ternary(packed: Tensor, rows: int) -> Tensor:
+    """Inverse of ``pack_ternary``: int16 codes ``[rows, ...]`` in ``{-1, 0, 1}``."""
+    chunks = [(packed >> (2 * i)) & 3 for i in range(VALUES_PER_BYTE)]
+    return (torch.cat(chunks).to(torch.int16) - 1)[:rows]
+
+
+# -- the model skeleton -------------------------------------------------------------------------------
+
+
+def linear_modules(config) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` (and transformers ``Conv1D``) of the model ``config`` describes, by name.
+
+    Built on the meta device (no memory, no weights), because the file must list the Linear layers
+    that stay in float (``modules_to_not_convert``): a tied output head, for one, has no tensor of
+    its own in ``ExportInputs.state`` and would otherwise be swapped for a quantized layer on load.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    }
+
+
+def _module_name(param_name: str) -> str:
+    return param_name.removesuffix(".weight")
+
+
+def _linear_class(inputs: ExportInputs) -> str:
+    linear_class = inputs.extra.get("linear_class", "autobitlinear")  # the bit-exact one
+    if linear_class not in LINEAR_CLASSES:
+        raise ExportError(
+            f"BitNet linear_class {linear_class!r} is not one transformers knows; use one of {LINEAR_CLASSES}"
+        )
+    return linear_class
+
+
+# -- the writer contract ------------------------------------------------------------------------------
+
+
+def check(inputs: ExportInputs) -> None:
+    """Refuse weights the BitNet layers cannot hold, naming the layer and the fix."""
+    _linear_class(inputs)
+    if not inputs.quantized:
+        raise ExportError(
+            "no quantized weights to export: quantize the model's Linear layers with the `bitnet` preset "
+            "(rule {match: '*', weight: bitnet, activation: bitnet}) before exporting to BitNet"
+        )
+    linears = linear_modules(inputs.config)
+    for name, weight in inputs.quantized.items():
+        module = _module_name(name)
+        spec = weight.spec
+        if spec.dtype != "ternary" or spec.granularity != "tensor":
+            raise ExportError(
+                f"{name} is quantized as {spec.describe()}; the BitNet format holds only ternary weights with "
+                "one scale per tensor: use the `bitnet` preset for it, or skip it in the quant rules"
+            )
+        if not isinstance(linears.get(module), nn.Linear):
+            kind = type(linears[module]).__name__ if module in linears else "not a Linear layer"
+            raise ExportError(
+                f"{name} belongs to {module} ({kind}); transformers' BitNet loader only swaps nn.Linear "
+                "layers, so this weight cannot be stored: skip it in the quant rules"
+            )
+        rows = weight.shape[0]
+        if rows % VALUES_PER_BYTE:
+            raise ExportError(
+                f"{name} has {rows} output rows; BitNet packs 4 rows per byte and transformers' BitLinear "
+                f"expects out_features divisible by 4: skip {module} in the quant rules"
+            )
+        activation = inputs.activations.get(module)
+        if activation is None or _forward_fields(activation) != BITLINEAR_INPUT:
+            got = "no activation quantization" if activation is None else activation.describe()
+            raise ExportError(
+                f"{module} was trained with {got}, but transformers' BitLinear always quantizes its input to "
+                "int8 per token (absmax); the exported model would not compute what was trained. Train with "
+                "the bitnet preset's activations (rule {match: ..., weight: bitnet, activation: bitnet})"
+            )
+
+
+def _forward_fields(spec) -> tuple:
+    """The fields of an activation spec that change the forward (not the STE used in training)."""
+    return spec.dtype, spec.granularity, spec.symmetric, spec.scale_dtype
+
+
+def write(inputs: ExportInputs, out: Path) -> None:
+    """Write ``model.safetensors``, ``config.json`` (with ``quantization_config``) and the tokenizer."""
+    check(inputs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, inputs.dtype_name)
+    linear_class = _linear_class(inputs)
+    tensors: dict[str, Tensor] = {}
+    for name, tensor in inputs.state.items():
+        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for name, weight in inputs.quantized.items():
+        scale = weight.scale.reshape(1).float()
+        # BitLinear divides its output by weight_scale, AutoBitLinear multiplies: see the module doc.
+        stored_scale = 1 / scale if linear_class == "bitlinear" else scale
+        tensors[name] = pack_ternary(weight.codes)
+        tensors[f"{_module_name(name)}.weight_scale"] = stored_scale.to(dtype)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / WEIGHTS_NAME,
+              metadata={"format": "pt"})  # fmt: skip
+
+    quantized_modules = {_module_name(name) for name in inputs.quantized}
+    float_linears = sorted(set(linear_modules(inputs.config)) - quantized_modules)
+    config = inputs.config.to_dict()
+    config["dtype"] = inputs.dtype_name
+    config["quantization_config"] = {
+        "quant_method": "bitnet",
+        "linear_class": linear_class,
+        "quantization_mode": "offline",  # the weights are stored quantized, not re-quantized per forward
+        "use_rms_norm": False,  # our layers have no norm of their own before the activation quant
+        "rms_norm_eps": 1e-6,
+        "modules_to_not_convert": float_linears,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    if inputs.tokenizer is not None:
+        inputs.tokenizer.save_pretrained(out)
+
+
+def read(out: Path) -> dict[str, Tensor]:
+    """Every weight as transformers computes it from the file, float32, by HF parameter name.
+
+    Quantized weights are unpacked with transformers' own ``unpack_weights`` (run eagerly: it is
+    wrapped in ``torch.compile``, whose CPU build costs seconds and changes nothing here) and scaled
+    as the layer class does: ``codes / weight_scale`` (BitLinear) or ``codes * weight_scale``.
+    """
+    from transformers.integrations.bitnet import unpack_weights
+
+    unpack = inspect.unwrap(unpack_weights)
+    out = Path(out)
+    tensors = load_file(out / WEIGHTS_NAME)
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    result: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".weight_scale"):
+            continue
+        scale = tensors.get(f"{_module_name(name)}.weight_scale")
+        if name.endswith(".weight") and tensor.dtype == torch.uint8 and scale is not None:
+            codes = unpack(tensor, dtype=torch.float32)
+            scale = scale.float()
+            result[name] = codes / scale if quant["linear_class"] == "bitlinear" else codes * scale
+        else:
+            result[name] = tensor.float()
+    return result
+
+
+__all__ = ["check", "linear_modules", "pack_ternary", "read", "unpack_ternary", "write"]

@@ -1,0 +1,371 @@
+"""GGUF for llama.cpp: block-quantized weights, llama metadata and the tokenizer, in one file.
+
+Quantized weights are written from their integer codes and scales (``lowbit.quant.packing``),
+never re-quantized from floats, so a model trained with the matching preset (``gguf_q8_0``,
+``gguf_q4_0``, ``gguf_q4_1``; ternary with fp16 scales for TQ1_0/TQ2_0) reads back bit for bit.
+Tensors the scheme leaves in float are stored as f16 (bf16/f32 on request; norms always f32).
+
+llama.cpp's llama graph expects the rows of ``attn_q``/``attn_k`` permuted from Hugging Face's
+rotate-half RoPE layout to its interleaved one (``convert_hf_to_gguf.py``'s ``permute``); whole
+rows move, so the blocks (which run along a row) move with them intact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, TokenType
+from gguf import quants as gguf_quants
+from torch import Tensor
+
+from lowbit.quant.convert import QuantizedWeight
+from lowbit.quant.formats import ExportError, ExportInputs
+from lowbit.quant.packing import QK_TERNARY, pack_blocks
+
+# HF model_type -> GGUF architecture. Mistral's dense models use llama.cpp's llama graph.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+
+TYPES = {
+    "q8_0": GGMLQuantizationType.Q8_0,
+    "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_1": GGMLQuantizationType.Q4_1,
+    "tq2_0": GGMLQuantizationType.TQ2_0,
+    "tq1_0": GGMLQuantizationType.TQ1_0,
+    "f16": GGMLQuantizationType.F16,
+}
+FILE_TYPES = {
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": LlamaFileType.MOSTLY_Q4_0,
+    "q4_1": LlamaFileType.MOSTLY_Q4_1,
+    "tq2_0": LlamaFileType.MOSTLY_TQ2_0,
+    "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
+    "f16": LlamaFileType.MOSTLY_F16,
+}
+FLOAT_TYPES = {
+    "f16": (GGMLQuantizationType.F16, np.float16),
+    "f32": (GGMLQuantizationType.F32, np.float32),
+    "bf16": (GGMLQuantizationType.BF16, None),
+}
+# What each quantized type holds exactly: (dtype, symmetric, how to name the training preset).
+HOLDS = {
+    "q8_0": ("int8", True, "gguf_q8_0"),
+    "q4_0": ("int4", True, "gguf_q4_0"),
+    "q4_1": ("int4", False, "gguf_q4_1"),
+    "tq2_0": ("ternary", None, "bitnet (ternary)"),
+    "tq1_0": ("ternary", None, "bitnet (ternary)"),
+}
+
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_name(hf_name: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight``."""
+    module, _, kind = hf_name.rpartition(".")
+    if module in _TOP_NAMES:
+        return f"{_TOP_NAMES[module]}.{kind}"
+    parts = module.split(".")
+    if len(parts) >= 4 and parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in _LAYER_NAMES:
+        return f"blk.{parts[2]}.{_LAYER_NAMES['.'.join(parts[3:])]}.{kind}"
+    raise ExportError(f"GGUF export: no llama.cpp name for tensor {hf_name!r} (an unsupported module)")
+
+
+def hf_name(name: str) -> str:
+    """Inverse of ``gguf_name``."""
+    base, _, kind = name.rpartition(".")
+    for hf, short in _TOP_NAMES.items():
+        if base == short:
+            return f"{hf}.{kind}"
+    _, layer, short = base.split(".", 2)
+    hf = next(key for key, value in _LAYER_NAMES.items() if value == short)
+    return f"model.layers.{layer}.{hf}.{kind}"
+
+
+def rope_permutation(rows: int, heads: int) -> np.ndarray:
+    """Row order llama.cpp expects for a q/k projection with ``heads`` heads (HF → interleaved)."""
+    index = np.arange(rows)
+    return index.reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(rows)
+
+
+def _heads_for(name: str, config) -> int | None:
+    if name.endswith("attn_q.weight"):
+        return config.num_attention_heads
+    if name.endswith("attn_k.weight"):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
+
+
+def _rope_theta(config) -> float:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    theta = parameters.get("rope_theta") if isinstance(parameters, dict) else None
+    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
+
+
+def _rope_type(config) -> str:
+    for source in (getattr(config, "rope_parameters", None), getattr(config, "rope_scaling", None)):
+        if isinstance(source, dict):
+            kind = source.get("rope_type") or source.get("type")
+            if kind:
+                return str(kind)
+    return "default"
+
+
+def _gguf_type(inputs: ExportInputs) -> str:
+    kind = inputs.extra.get("gguf_type", "q4_0")
+    if kind not in TYPES:
+        raise ExportError(f"unknown GGUF type {kind!r}; choose one of {', '.join(TYPES)}")
+    return kind
+
+
+# -- check ---------------------------------------------------------------------------------------
+
+
+def check(inputs: ExportInputs) -> None:
+    """Refuse what llama.cpp's llama graph or the chosen block type cannot hold, before writing."""
+    kind = _gguf_type(inputs)
+    model_type = getattr(inputs.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ExportError(
+            f"GGUF export supports the architectures {', '.join(sorted(ARCHITECTURES))}; this model is "
+            f"{model_type!r}. Export it with --format compressed-tensors instead"
+        )
+    if _rope_type(inputs.config) != "default":
+        raise ExportError(
+            f"GGUF export: RoPE scaling {_rope_type(inputs.config)!r} is not written yet (needs llama.cpp's "
+            "rope_freqs tensor); export with --format compressed-tensors"
+        )
+    if getattr(inputs.config, "attention_bias", False) or getattr(inputs.config, "mlp_bias", False):
+        raise ExportError(
+            "GGUF export: llama.cpp's llama graph has no q/k/v/o or MLP biases; this model has them"
+        )
+    for name in [*inputs.state, *inputs.quantized]:
+        gguf_name(name)
+    if kind == "f16":
+        return
+    if not inputs.quantized:
+        raise ExportError(
+            f"gguf-{kind} needs quantized weights, and this model has none: train with the "
+            f"{HOLDS[kind][2]} preset in `quant.rules`, or add --ptq for round-to-nearest"
+        )
+    dtype, symmetric, preset = HOLDS[kind]
+    block = QK_TERNARY if dtype == "ternary" else 32
+    for name, weight in inputs.quantized.items():
+        spec = weight.spec
+        held = spec.dtype == dtype and (symmetric is None or spec.symmetric == symmetric)
+        if dtype != "ternary":
+            held = held and spec.granularity == "group" and spec.group_size == 32
+        if not held:
+            raise ExportError(
+                f"gguf-{kind} cannot hold {name}, quantized as {spec.describe()}: {kind.upper()} stores "
+                f"{'ternary' if dtype == 'ternary' else ('symmetric ' if symmetric else 'asymmetric ') + dtype} "
+                f"values in blocks of {block} along a row. Train with the {preset} preset, or export "
+                "--format compressed-tensors"
+            )
+        cols = weight.shape[-1]
+        if cols % block:
+            raise ExportError(
+                f"gguf-{kind}: {name} has rows of {cols} values, not a multiple of the {block}-value block; "
+                f"skip this module in `quant.rules` or pick a format with smaller blocks"
+            )
+        if dtype == "ternary" and _scales_per_row(weight) > cols // block:
+            raise ExportError(
+                f"gguf-{kind}: {name} has more than one scale per {block}-value block ({spec.describe()}); "
+                "use per-tensor or per-channel ternary scales"
+            )
+
+
+def _scales_per_row(weight: QuantizedWeight) -> int:
+    return max(1, weight.scale.shape[0] // weight.shape[0]) if weight.scale.shape[0] >= weight.shape[0] else 1
+
+
+# -- write ---------------------------------------------------------------------------------------
+
+
+def _format_codes(weight: QuantizedWeight, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(codes as the block type stores them, one scale per block, minimums or None), row-major."""
+    rows, cols = weight.shape
+    codes = weight.codes.to(torch.int32).numpy()
+    spec = weight.spec
+    block = QK_TERNARY if kind.startswith("tq") else 32
+    per_element = weight.scale.reshape(-1).repeat_interleave(weight.codes.numel() // weight.scale.shape[0])
+    scales = per_element.reshape(rows, cols)[:, ::block].numpy()  # one scale per block
+    minimums = None
+    if kind == "q4_0" and spec.convention != "gguf_q4_0":
+        codes = codes + 8  # symmetric int4 q in [-7, 7] is c − 8 with c in [1, 15]
+    if kind == "q4_1":
+        if spec.convention == "gguf_q4_1":
+            offsets = weight.offset
+        else:  # asymmetric (q − zp)·s = q·s + (−zp·s)
+            offsets = -weight.zero_point * weight.scale
+        per_element = offsets.reshape(-1).repeat_interleave(weight.codes.numel() // offsets.shape[0])
+        minimums = per_element.reshape(rows, cols)[:, ::block].numpy()
+    return codes, scales, minimums
+
+
+def _float_array(tensor: Tensor, float_type: str) -> tuple[np.ndarray, GGMLQuantizationType]:
+    if tensor.dim() == 1:  # norms: llama.cpp keeps them f32
+        return tensor.float().numpy(), GGMLQuantizationType.F32
+    qtype, np_dtype = FLOAT_TYPES[float_type]
+    if np_dtype is None:  # bf16: numpy has no such dtype; store its bits as raw bytes
+        bits = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+        return bits.reshape(tensor.shape[0], -1), qtype
+    return tensor.float().numpy().astype(np_dtype), qtype
+
+
+def write(inputs: ExportInputs, out: Path) -> None:
+    """Write ``out`` (a ``.gguf`` file)."""
+    kind = _gguf_type(inputs)
+    float_type = inputs.extra.get("float_type", "f16")
+    config = inputs.config
+    writer = GGUFWriter(str(out), ARCHITECTURES[config.model_type])
+    _write_metadata(writer, config, kind, inputs.extra)
+    if inputs.tokenizer is not None:
+        _write_tokenizer(writer, inputs.tokenizer, config.vocab_size, inputs.extra.get("tokenizer_pre"))
+    names = sorted([*inputs.state, *inputs.quantized], key=_tensor_order)
+    for name in names:
+        target = gguf_name(name)
+        heads = _heads_for(target, config)
+        if name in inputs.quantized and kind != "f16":
+            weight = inputs.quantized[name]
+            codes, scales, minimums = _format_codes(weight, kind)
+            if heads:
+                order = rope_permutation(codes.shape[0], heads)
+                codes, scales = codes[order], scales[order]
+                minimums = None if minimums is None else minimums[order]
+            data = pack_blocks(codes, scales, TYPES[kind], minimums)
+            writer.add_tensor(target, data, raw_shape=data.shape, raw_dtype=TYPES[kind])
+            continue
+        tensor = inputs.quantized[name].dequantize() if name in inputs.quantized else inputs.state[name]
+        tensor = tensor.detach().cpu()
+        if heads:
+            tensor = tensor[torch.from_numpy(rope_permutation(tensor.shape[0], heads))]
+        array, qtype = _float_array(tensor, float_type)
+        writer.add_tensor(target, array, raw_shape=array.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _tensor_order(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    layer = int(parts[2]) if parts[:2] == ["model", "layers"] else (-1 if "embed" in name else 10**9)
+    return layer, name
+
+
+def _write_metadata(writer: GGUFWriter, config, kind: str, extra: dict) -> None:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_name(str(extra.get("name") or getattr(config, "_name_or_path", "") or "lowbit export"))
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(FILE_TYPES[kind])
+    writer.add_quantization_version(2)
+
+
+def _write_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int, pre: str | None) -> None:
+    """A byte-level BPE tokenizer (GPT-2 / Llama-3 / SmolLM / Qwen style) as llama.cpp's ``gpt2`` model."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(
+            f"GGUF export needs a Hugging Face fast tokenizer; {type(tokenizer).__name__} has none "
+            "(a model trained with the built-in byte tokenizer cannot run in llama.cpp)"
+        )
+    model = json.loads(backend.to_str())["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ExportError(
+            "GGUF export writes byte-level BPE tokenizers (llama.cpp's 'gpt2' model); this tokenizer is "
+            f"{model.get('type')}{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}"
+        )
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    vocab.update(added)
+    size = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{index}]" for index in range(size)]
+    types = [TokenType.UNUSED] * size
+    for token, index in vocab.items():
+        tokens[index] = token
+        if token in specials:
+            types[index] = TokenType.CONTROL
+        elif token in added:
+            types[index] = TokenType.USER_DEFINED
+        else:
+            types[index] = TokenType.NORMAL
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre or "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if not merges:  # a pure byte vocabulary: transformers' GGUF reader then rebuilds merges from scores
+        writer.add_token_scores([0.0] * size)
+    for setter, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_unk_token_id, tokenizer.unk_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
+        if token_id is not None:
+            setter(int(token_id))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        writer.add_chat_template(template)
+
+
+# -- read ----------------------------------------------------------------------------------------
+
+
+def read(out: Path) -> dict[str, Tensor]:
+    """Every tensor as ``gguf``'s own reader dequantizes it, back in HF names and row order."""
+    reader = GGUFReader(str(out))
+    heads = int(reader.fields["llama.attention.head_count"].contents())
+    kv_heads = int(reader.fields["llama.attention.head_count_kv"].contents())
+    weights: dict[str, Tensor] = {}
+    for tensor in reader.tensors:
+        values = gguf_quants.dequantize(tensor.data, tensor.tensor_type)
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        values = np.asarray(values, dtype=np.float32).reshape(shape)
+        count = heads if tensor.name.endswith("attn_q.weight") else kv_heads
+        if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            inverse = np.argsort(rope_permutation(values.shape[0], count))
+            values = values[inverse]
+        weights[hf_name(tensor.name)] = torch.from_numpy(values.copy())
+    return weights
+
+
+def metadata(out: Path) -> dict[str, object]:
+    """The file's key/value metadata (arrays summarised by length), for reports and tests."""
+    reader = GGUFReader(str(out))
+    result: dict[str, object] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        result[key] = len(value) if isinstance(value, list) and len(value) > 8 else value
+    return result

@@ -1,0 +1,152 @@
+"""GGUF writer: block packing, llama.cpp's q/k row order, metadata, and exact read-back by ``gguf``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lowbit.quant import quantize_model
+from lowbit.quant.formats import ExportError, collect
+from lowbit.quant.formats import gguf as gguf_format
+from lowbit.quant.packing import pack_blocks, unpack_blocks
+from lowbit.trainer.byte_tokenizer import byte_tokenizer
+
+
+def tiny_llama(hidden=64, intermediate=128, tie=True, seed=0, **fields):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=262, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, **fields)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize(
+    "qtype,low,high,block",
+    [(T.Q8_0, -127, 127, 32), (T.Q4_0, 0, 15, 32), (T.Q4_1, 0, 15, 32), (T.TQ2_0, -1, 1, 256), (T.TQ1_0, -1, 1, 256)],
+)
+def test_pack_unpack_round_trip_and_gguf_reader(qtype, low, high, block):
+    rng = np.random.default_rng(int(qtype))
+    codes = rng.integers(low, high + 1, (6, 2 * block))
+    codes[0] = low  # a row of the lowest code, one of the highest, one of zeros where 0 is a code
+    codes[1] = high
+    scales = (rng.standard_normal((6, 2)) * 10.0 ** rng.integers(-4, 3, (6, 2))).astype(np.float32)
+    scales[2] = 0.0
+    minimums = rng.standard_normal((6, 2)).astype(np.float32) if qtype == T.Q4_1 else None
+    packed = pack_blocks(codes, scales, qtype, minimums)
+    back_codes, back_scales, back_minimums = unpack_blocks(packed, qtype, 2 * block)
+    half = scales.astype(np.float16).astype(np.float32)
+    assert np.array_equal(back_codes, codes) and np.array_equal(back_scales, half)
+    # the format's own reader gives the textbook dequantization
+    step = half.repeat(block, axis=1)
+    if qtype == T.Q4_0:
+        expected = step * (codes - 8)
+    elif qtype == T.Q4_1:
+        expected = step * codes + minimums.astype(np.float16).astype(np.float32).repeat(block, axis=1)
+    else:
+        expected = step * codes
+    assert np.array_equal(gguf_quants.dequantize(packed, qtype), expected.astype(np.float32))
+
+
+def test_pack_refuses_a_row_that_is_not_whole_blocks():
+    with pytest.raises(ValueError, match="blocks of 32"):
+        pack_blocks(np.zeros((2, 48), np.int64), np.ones((2, 1), np.float32), T.Q4_0)
+
+
+def test_rope_permutation_is_llama_cpp_permute():
+    """convert_hf_to_gguf.py: w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(w.shape)."""
+    weight = np.arange(48 * 5).reshape(48, 5)
+    for heads in (1, 2, 4, 6):
+        reference = weight.reshape(heads, 2, 48 // heads // 2, 5).swapaxes(1, 2).reshape(weight.shape)
+        assert np.array_equal(weight[gguf_format.rope_permutation(48, heads)], reference)
+
+
+@pytest.mark.parametrize("preset,kind", [("gguf_q4_0", "q4_0"), ("gguf_q8_0", "q8_0"), ("gguf_q4_1", "q4_1")])
+def test_trained_grid_reads_back_bit_for_bit(tmp_path, preset, kind):
+    model = tiny_llama(tie=False)
+    quantize_model(model, [{"match": "*", "weight": preset}])
+    inputs = collect(model, byte_tokenizer())
+    inputs.extra.update(gguf_type=kind, float_type="f32")
+    gguf_format.check(inputs)
+    path = tmp_path / "model.gguf"
+    gguf_format.write(inputs, path)
+    back = gguf_format.read(path)
+    assert sorted(back) == sorted([*inputs.state, *inputs.quantized])
+    for name, weight in inputs.quantized.items():
+        assert torch.equal(back[name], weight.dequantize()), name
+    for name, tensor in inputs.state.items():
+        assert torch.equal(back[name], tensor.float()), name  # f32 storage: unchanged
+
+
+def test_ternary_types_hold_fp16_scaled_ternary_weights(tmp_path):
+    model = tiny_llama(hidden=256, intermediate=512)
+    quantize_model(model, [{"match": "*", "weight": {"dtype": "ternary", "granularity": "tensor", "scale_dtype": "fp16"}}])
+    inputs = collect(model, byte_tokenizer())
+    for kind in ("tq2_0", "tq1_0"):
+        inputs.extra["gguf_type"] = kind
+        gguf_format.check(inputs)
+        path = tmp_path / f"{kind}.gguf"
+        gguf_format.write(inputs, path)
+        back = gguf_format.read(path)
+        for name, weight in inputs.quantized.items():
+            assert torch.equal(back[name], weight.dequantize()), (kind, name)
+
+
+def test_metadata_llama_cpp_needs(tmp_path):
+    model = tiny_llama(rms_norm_eps=1e-5, max_position_embeddings=512)
+    quantize_model(model, [{"match": "*", "weight": "gguf_q4_0"}])
+    tokenizer = byte_tokenizer()
+    inputs = collect(model, tokenizer)
+    inputs.extra["gguf_type"] = "q4_0"
+    path = tmp_path / "m.gguf"
+    gguf_format.write(inputs, path)
+    meta = gguf_format.metadata(path)
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.block_count"] == 2 and meta["llama.embedding_length"] == 64
+    assert meta["llama.feed_forward_length"] == 128 and meta["llama.context_length"] == 512
+    assert meta["llama.attention.head_count"] == 4 and meta["llama.attention.head_count_kv"] == 2
+    assert meta["llama.rope.dimension_count"] == 16 and meta["llama.rope.freq_base"] == 10000.0
+    assert abs(meta["llama.attention.layer_norm_rms_epsilon"] - 1e-5) < 1e-9
+    assert meta["general.file_type"] == 2  # MOSTLY_Q4_0
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.tokens"] == 262
+    assert meta["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert "output.weight" not in {t for t in gguf_format.read(path)}  # tied head: token_embd serves
+
+
+@pytest.mark.parametrize(
+    "weight,message",
+    [
+        ({"dtype": "int4", "granularity": "group", "group_size": 32, "symmetric": False}, "symmetric int4"),
+        ({"dtype": "int4", "granularity": "group", "group_size": 64}, "blocks of 32"),
+        ({"dtype": "int3", "granularity": "group", "group_size": 32}, "gguf_q4_0 preset"),
+    ],
+)
+def test_schemes_q4_0_cannot_hold_are_refused(weight, message):
+    model = tiny_llama()
+    quantize_model(model, [{"match": "*", "weight": weight}])
+    inputs = collect(model)
+    inputs.extra["gguf_type"] = "q4_0"
+    with pytest.raises(ExportError, match=message):
+        gguf_format.check(inputs)
+
+
+def test_ternary_rows_must_be_whole_256_blocks():
+    model = tiny_llama()
+    quantize_model(model, [{"match": "*", "weight": "bitnet"}])
+    inputs = collect(model)
+    inputs.extra["gguf_type"] = "tq2_0"
+    with pytest.raises(ExportError, match="not a multiple of the 256-value block"):
+        gguf_format.check(inputs)
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    from transformers import GPT2Config
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    inputs = collect(model)
+    inputs.extra["gguf_type"] = "f16"
+    with pytest.raises(ExportError, match="supports the architectures llama, mistral; this model is 'gpt2'"):
+        gguf_format.check(inputs)
