@@ -47,7 +47,9 @@ def eval_row(*args: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out-dir", default="/tmp/lowbit-export")
     parser.add_argument("--val-examples", type=int, default=8)
     args = parser.parse_args()
@@ -57,7 +59,10 @@ def main() -> None:
     rows = []
     for fmt, scheme in ROWS:
         label = fmt if scheme in (None, True) else f"{fmt} ({scheme})"
-        out = out_dir / (label.replace(" ", "").replace("(", "_").replace(")", "") + (".gguf" if FORMATS[fmt].single_file else ""))
+        out = out_dir / (
+            label.replace(" ", "").replace("(", "_").replace(")", "")
+            + (".gguf" if FORMATS[fmt].single_file else "")
+        )
         started = time.perf_counter()
         try:
             summary = export(source, fmt, out, ptq=scheme or False, overwrite=True)
@@ -94,7 +99,9 @@ def main() -> None:
     print(f"  fake-quant model (PTQ row):   {fake_quant}")
     print(f"  exported .gguf via transformers: {exported}")
     results = Path(__file__).parent / "results" / "export_formats.json"
-    results.write_text(json.dumps({"rows": rows, "ppl_fake_quant": fake_quant, "ppl_gguf": exported}, indent=1))
+    results.write_text(
+        json.dumps({"rows": rows, "ppl_fake_quant": fake_quant, "ppl_gguf": exported}, indent=1)
+    )
     print(f"wrote {results}", file=sys.stderr)
 
 

@@ -40,7 +40,9 @@ def inputs(args, device, dtype):
 
     def head(requires_grad: bool) -> torch.nn.Linear:
         layer = torch.nn.Linear(args.hidden, args.vocab, bias=False, device="meta")
-        layer.weight = torch.nn.Parameter(make(args.vocab, args.hidden, scale=args.hidden**-0.5), requires_grad)
+        layer.weight = torch.nn.Parameter(
+            make(args.vocab, args.hidden, scale=args.hidden**-0.5), requires_grad
+        )
         return layer
 
     hidden = make(args.tokens, args.hidden).requires_grad_(True)
@@ -166,6 +168,7 @@ def main() -> None:
             memory = f"{result['extra_bytes'] / 2**30:.2f} GiB"
             print(f"{loss:<4} | {name:<22} | {memory:>12} | {seconds * 1e3:>7.1f}ms | {seconds / base_time:.2f}x",
                   flush=True)  # fmt: skip
+
 
 if __name__ == "__main__":
     main()

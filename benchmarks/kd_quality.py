@@ -37,14 +37,18 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "kd_quality"))
     parser.add_argument("--qat-results", default=str(ROOT / "benchmarks" / "results" / "qat_quality.json"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kd_quality.json"))
+    parser.add_argument("--only-qad", action="store_true", help="keep the student rows already in --out")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     runs_dir = Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"student_steps": args.student_steps, "qad_steps": args.qad_steps, "students": {}}
+    if args.only_qad:
+        previous = json.loads(Path(args.out).read_text())
+        results.update(student_steps=previous["student_steps"], students=previous["students"])
     with open(runs_dir / "runs.log", "w") as log:
         common = [f"train.max_steps={args.student_steps}", "eval.every_steps=0", "eval.at_start=true"]
-        for name, loss in STUDENT_LOSSES.items():
+        for name, loss in STUDENT_LOSSES.items() if not args.only_qad else ():
             slug = name.split(" (")[0].replace(" ", "_").replace("+", "plus")
             r = run_recipe("kd_smollm2_15layer.yaml", runs_dir / f"student_{slug}", [*common, loss], log)
             results["students"][name] = {
@@ -64,7 +68,7 @@ def main() -> None:
                           "recovered": (base["val_ppl_ptq"] - final) / (base["val_ppl_ptq"] - base["val_ppl_float"]),
                           "minutes": qad["minutes"]}  # fmt: skip
         Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"\n(a) 15-layer student from SmolLM2-135M, {args.student_steps} steps x 1024 tokens")
+    print(f"\n(a) 15-layer student from SmolLM2-135M, {results['student_steps']} steps x 1024 tokens")
     print(f"{'loss':<24} | {'ppl at init':>11} | {'ppl after':>9}")
     for name, r in results["students"].items():
         print(f"{name:<24} | {r['start']:>11.1f} | {r['final']:>9.2f}")

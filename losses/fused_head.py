@@ -96,7 +96,9 @@ def chunk_grad_function(terms: Sequence[LogitTerm], weights: Sequence[float], de
     choice = _backend()
     compiled = choice == "compile" or (choice == "auto" and device.type == "cuda")
     weighted = (
-        _compiled_weighted_values(tuple(terms), tuple(weights)) if compiled else _weighted_values(terms, weights)
+        _compiled_weighted_values(tuple(terms), tuple(weights))
+        if compiled
+        else _weighted_values(terms, weights)
     )
 
     def loss_and_grad(logits: Tensor, teacher_logits: Tensor | None, targets: Tensor):
@@ -200,6 +202,8 @@ def _checkpointed_sums(terms, weights, head, student, teacher, targets, step) ->
     for start in range(0, student.shape[0], step):
         piece = slice(start, start + step)
         teacher_piece = None if teacher is None else teacher[piece]
-        sums = sums + checkpoint(chunk_sums, student[piece], teacher_piece, targets[piece], use_reentrant=False)
+        sums = sums + checkpoint(
+            chunk_sums, student[piece], teacher_piece, targets[piece], use_reentrant=False
+        )
     total = (sums * sums.new_tensor(list(weights))).sum()
     return total, [value.detach() for value in sums.unbind()]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lowbit.quant.grids import QParams, dequantize
+from lowbit.quant.grids import QParams, dequantize, store_scale
 from lowbit.quant.modules import FakeQuantEmbedding, FakeQuantLinear
 from lowbit.quant.spec import QuantSpec
 
@@ -33,6 +33,10 @@ class QuantizedWeight:
     scale: Tensor
     zero_point: Tensor | None = None
     offset: Tensor | None = None
+
+    def stored_scale(self) -> Tensor:
+        """The scale as dequantization uses it (rounded to ``spec.scale_dtype``), float32 ``[num_blocks, 1]``."""
+        return store_scale(self.scale.float(), self.spec)
 
     def params(self) -> QParams:
         return QParams(self.scale, self.zero_point, self.offset)

@@ -15,7 +15,15 @@ import torch
 from torch import Tensor
 
 from lowbit.quant.fused import fused_fake_quantize, use_compiled
-from lowbit.quant.grids import QParams, code_range, fake_quantize_blocks, int_range, qparams, to_blocks
+from lowbit.quant.grids import (
+    QParams,
+    code_range,
+    fake_quantize_blocks,
+    int_range,
+    qparams,
+    store_scale,
+    to_blocks,
+)
 from lowbit.quant.spec import QuantSpec
 
 
@@ -76,6 +84,10 @@ def inside_mask(x: Tensor, spec: QuantSpec) -> Tensor | None:
     return ((blocks >= low) & (blocks <= high)).reshape(x.shape)
 
 
+# Smallest learned scale: 2^-24 is exact in fp32, bf16 and fp16 (its smallest subnormal), so
+# rounding a clamped scale to any stored dtype never yields 0.
+MIN_SCALE = 2.0**-24
+
 # -- learned step size ------------------------------------------------------------------------------
 
 
@@ -112,7 +124,11 @@ def learned_fake_quantize(x: Tensor, scale: Tensor, offset: Tensor | None, spec:
     blocks = to_blocks(x, spec)
     qmin, qmax = int_range(spec)
     grad_scale = 1.0 / math.sqrt(blocks.shape[1] * qmax)
-    out = _LearnedStep.apply(blocks, scale.abs().clamp_min(1e-8), offset, qmin, qmax, grad_scale)
+    # Round the learned scale (and offset) to the stored dtype here, as dequantization does, so the
+    # forward multiplies by exactly what an export stores (the rounding passes gradients).
+    scale = store_scale(scale.abs().clamp_min(MIN_SCALE), spec)
+    offset = None if offset is None else store_scale(offset, spec)
+    out = _LearnedStep.apply(blocks, scale, offset, qmin, qmax, grad_scale)
     return out.reshape(x.shape).to(x.dtype)
 
 
@@ -120,11 +136,10 @@ def learned_codes(x: Tensor, scale: Tensor, offset: Tensor | None, spec: QuantSp
     """Integer codes and parameters of a learned-scale quantizer (what ``convert`` stores)."""
     blocks = to_blocks(x, spec)
     qmin, qmax = int_range(spec)
-    scale = scale.detach().abs().clamp_min(1e-8)
-    shifted = blocks - offset.detach() if offset is not None else blocks
-    return torch.clamp(torch.round(shifted / scale), qmin, qmax), QParams(
-        scale, offset=None if offset is None else offset.detach()
-    )
+    scale = store_scale(scale.detach().abs().clamp_min(MIN_SCALE), spec)
+    offset = None if offset is None else store_scale(offset.detach(), spec)
+    shifted = blocks - offset if offset is not None else blocks
+    return torch.clamp(torch.round(shifted / scale), qmin, qmax), QParams(scale, offset=offset)
 
 
 def initial_scale(x: Tensor, spec: QuantSpec, candidates: int = 40) -> tuple[Tensor, Tensor | None]:

@@ -73,8 +73,8 @@ def round_half_away(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def _store(scale: Tensor, spec: QuantSpec) -> Tensor:
-    """Round a scale to the dtype the format stores it in."""
+def store_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """Round a scale to the dtype the format stores it in (differentiable: the rounding passes gradients)."""
     if spec.scale_dtype == "fp16":
         return scale.to(torch.float16).float()
     if spec.scale_dtype == "bf16":
@@ -104,18 +104,18 @@ def qparams(blocks: Tensor, spec: QuantSpec) -> QParams:
     if spec.dtype in INT_BITS:
         qmin, qmax = int_range(spec)
         if spec.symmetric:
-            return QParams(_store(blocks.abs().amax(1, keepdim=True) / qmax, spec).clamp_min(TINY))
+            return QParams(store_scale(blocks.abs().amax(1, keepdim=True) / qmax, spec).clamp_min(TINY))
         low = blocks.amin(1, keepdim=True).clamp_max(0)  # the range always holds 0 exactly
         high = blocks.amax(1, keepdim=True).clamp_min(0)
-        scale = _store((high - low) / (qmax - qmin), spec).clamp_min(TINY)
+        scale = store_scale((high - low) / (qmax - qmin), spec).clamp_min(TINY)
         return QParams(scale, torch.clamp(qmin - torch.round(low / scale), qmin, qmax))
     if spec.dtype in FP8_DTYPES:
         top = torch.finfo(FP8_DTYPES[spec.dtype]).max
-        return QParams(_store(blocks.abs().amax(1, keepdim=True) / top, spec).clamp_min(TINY))
+        return QParams(store_scale(blocks.abs().amax(1, keepdim=True) / top, spec).clamp_min(TINY))
     if spec.dtype == "nf4":
         return QParams(blocks.abs().amax(1, keepdim=True))  # bitsandbytes keeps fp32 absmax
     # ternary: BitNet b1.58's absmean scale
-    return QParams(_store(blocks.abs().mean(1, keepdim=True), spec).clamp_min(1e-5))
+    return QParams(store_scale(blocks.abs().mean(1, keepdim=True), spec).clamp_min(1e-5))
 
 
 def _reciprocal_or_zero(scale: Tensor) -> Tensor:
@@ -149,11 +149,11 @@ def quantize(blocks: Tensor, params: QParams, spec: QuantSpec) -> Tensor:
 
 def dequantize(codes: Tensor, params: QParams, spec: QuantSpec) -> Tensor:
     """Values the codes stand for, computed as the format's reader computes them."""
-    convention, scale = spec.convention, _store(params.scale, spec)
+    convention, scale = spec.convention, store_scale(params.scale, spec)
     if convention == "gguf_q4_0":
         return (codes - 8) * scale
     if params.offset is not None:  # GGUF Q4_1, LSQ+
-        return scale * codes + _store(params.offset, spec)
+        return scale * codes + store_scale(params.offset, spec)
     if spec.dtype == "nf4":
         return NF4_CODE.to(codes.device)[codes.long()] * scale
     if spec.dtype in INT_BITS and not spec.symmetric:
@@ -187,7 +187,7 @@ def code_range(params: QParams, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     if spec.dtype in FP8_DTYPES or spec.dtype == "nf4":
         slack = 1e-6 * torch.maximum(low.abs(), high.abs())
     else:
-        slack = 0.5 * _store(params.scale, spec).abs()
+        slack = 0.5 * store_scale(params.scale, spec).abs()
     return low - slack, high + slack
 
 

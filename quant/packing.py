@@ -70,7 +70,9 @@ def pack_blocks(
         body = np.concatenate([d, _nibbles(blocks)], axis=-1)
     elif qtype == GGMLQuantizationType.Q4_1:
         assert minimums is not None, "Q4_1 needs the per-block minimums"
-        body = np.concatenate([d, _fp16_bytes(minimums.reshape(rows, cols // size)), _nibbles(blocks)], axis=-1)
+        body = np.concatenate(
+            [d, _fp16_bytes(minimums.reshape(rows, cols // size)), _nibbles(blocks)], axis=-1
+        )
     elif qtype in (GGMLQuantizationType.TQ1_0, GGMLQuantizationType.TQ2_0):
         # The reference quantizer maps x to roundf(x / absmax(block)): for codes that already are
         # ternary it returns them unchanged (a block of zeros included), whatever its own scale.

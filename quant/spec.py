@@ -177,6 +177,8 @@ PRESETS: dict[str, dict[str, QuantSpec]] = {
     },
     # QLoRA's NormalFloat4, bitsandbytes' layout.
     "nf4": {"weight": QuantSpec("nf4", "group", 64)},
+    # llama.cpp's ternary TQ1_0/TQ2_0: absmean ternary weights with an fp16 scale (what the blocks store).
+    "gguf_ternary": {"weight": QuantSpec("ternary", "tensor", scale_dtype="fp16")},
     # BitNet b1.58: absmean ternary weights, per-token absmax int8 activations.
     "bitnet": {"weight": QuantSpec("ternary", "tensor"), "activation": _INT8_TOKEN},
 }

@@ -154,6 +154,11 @@ def verify(checkpoint: Path) -> str | None:
     return None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was saved at (from its ``trainer_state.json``)."""
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+
+
 def _step_of(path: Path) -> int:
     try:
         return int(path.name.removeprefix(PREFIX))

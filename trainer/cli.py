@@ -54,15 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("config")
     cache.add_argument("overrides", nargs="*", metavar="key=value")
     export = commands.add_parser("export", help="write a trained model in a packed low-bit format")
-    export.add_argument("source", help="a run directory, a checkpoint directory, a YAML recipe or a model path")
+    export.add_argument(
+        "source", help="a run directory, a checkpoint directory, a YAML recipe or a model path"
+    )
     export.add_argument("--format", required=True, metavar="FORMAT",
                         help="gguf-q8_0, gguf-q4_0, gguf-q4_1, gguf-tq2_0, gguf-tq1_0, gguf-f16, "
                              "compressed-tensors, bitnet, bnb-nf4")  # fmt: skip
     export.add_argument("--out", required=True, help="output file (GGUF) or directory")
     export.add_argument("--ptq", nargs="?", const=True, default=False, metavar="SCHEME",
                         help="round-to-nearest quantize a float model first (the format's preset, or SCHEME)")  # fmt: skip
-    export.add_argument("--float-type", default="f16", help="GGUF storage of float tensors: f16, bf16, f32")
-    export.add_argument("--tokenizer-pre", default=None, help="GGUF tokenizer.ggml.pre (llama.cpp pre-tokenizer)")
+    export.add_argument("--float-type", default=None,
+                        help="storage of tensors left in float: f16, bf16, f32 (default: f16 for GGUF, else the model's)")  # fmt: skip
+    export.add_argument(
+        "--tokenizer-pre", default=None, help="GGUF tokenizer.ggml.pre (llama.cpp pre-tokenizer)"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     return parser
@@ -104,25 +109,39 @@ def _train(args: argparse.Namespace) -> int:
     from lowbit.trainer.loop import train
 
     result = train(cfg)
-    if cfg.export is not None and os.environ.get("RANK", "0") == "0":
-        _export_after_training(cfg)
-    if result["eval"] and os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if result["eval"]:
         print(f"final step {result['step']}: {format_metrics(result['eval'])}")
         if result["first_eval"]:
             before, after = result["first_eval"]["val_ppl"], result["eval"]["val_ppl"]
             print(f"validation perplexity: {before:.2f} before -> {after:.2f} after training")
+    if cfg.export is not None:
+        _export_after_training(cfg)
     return 0
 
 
 def _export_after_training(cfg) -> None:
+    """Run the recipe's ``export`` section on the finished run (its newest checkpoint).
+
+    The default output, ``<run>/export/<format>``, belongs to the run and is replaced on a rerun;
+    an explicit ``export.out`` is never overwritten.
+    """
     from lowbit.trainer.export import FORMATS, export
 
-    choice = cfg.export  # its format was checked when the config loaded
+    choice = cfg.export
     suffix = ".gguf" if FORMATS[choice.format].single_file else ""
-    out = Path(choice.out) if choice.out else Path(cfg.run.output_dir) / "export" / f"{choice.format}{suffix}"
+    default = Path(cfg.run.output_dir) / "export" / f"{choice.format}{suffix}"
+    out = Path(choice.out) if choice.out else default
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = export(Path(cfg.run.output_dir), choice.format, out, ptq=choice.ptq,
-                     float_type=choice.float_type, overwrite=True)  # fmt: skip
+    try:
+        summary = export(Path(cfg.run.output_dir), choice.format, out, ptq=choice.ptq,
+                         float_type=choice.float_type, overwrite=choice.out is None)  # fmt: skip
+    except UserError as error:
+        raise UserError(
+            f"training finished and its checkpoint is saved, but the export failed: {error}. Retry with "
+            f"`lowbit export {cfg.run.output_dir} --format {choice.format} --out PATH`"
+        ) from None
     print(summary.table())
 
 

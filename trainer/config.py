@@ -186,8 +186,8 @@ class ExportConfig:
     """Output path (default: ``<run.output_dir>/export/<format>``, ``.gguf`` for GGUF)."""
     ptq: bool = False
     """Round-to-nearest quantize a float-trained model with the format's preset."""
-    float_type: str = "f16"
-    """How GGUF stores the tensors the scheme leaves in float: f16, bf16 or f32."""
+    float_type: Optional[str] = None
+    """How tensors left in float are stored: f16, bf16 or f32 (default: f16 for GGUF, the model's dtype otherwise)."""
 
 
 @dataclass
@@ -248,8 +248,30 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log.wandb.mode": ("disabled", "offline", "online"),
     "strategy.backend": ("auto", "nccl", "gloo"),
     "strategy.device": ("auto", "cpu", "cuda"),
-    "export.float_type": ("f16", "bf16", "f32"),
 }
+
+
+def _validate_export(cfg: RunConfig, fail) -> None:
+    """The ``export`` section must be exportable when training ends: checked before training starts."""
+    from lowbit.trainer.export import FLOAT_TYPES, FORMATS
+
+    export = cfg.export
+    if export.format not in FORMATS:
+        fail(f"export.format: unknown format {export.format!r}; choose one of {', '.join(FORMATS)}")
+    if export.float_type is not None and export.float_type not in FLOAT_TYPES:
+        fail(
+            f"export.float_type: unknown value {export.float_type!r}; choose one of {', '.join(FLOAT_TYPES)}"
+        )
+    quantized_format = FORMATS[export.format].preset is not None
+    if export.ptq and cfg.quant is not None:
+        fail("export.ptq: this run trains with `quant` rules and exports its trained codes; drop export.ptq")
+    if export.ptq and not quantized_format:
+        fail(f"export.ptq: {export.format} stores float weights; there is nothing to quantize")
+    if quantized_format and cfg.quant is None and not export.ptq:
+        fail(
+            f"export.format {export.format} stores quantized weights but this run trains in float: add a `quant` "
+            "section (QAT) or set export.ptq: true (round to nearest after training)"
+        )
 
 
 def _package_dir(name: str) -> str:
@@ -305,16 +327,13 @@ def _validate(cfg: RunConfig, source: str) -> None:
         raise UserError(f"{source}: {message}")
 
     for key, allowed in CHOICES.items():
-        if (key.startswith("teacher.") and cfg.teacher is None) or (key.startswith("export.") and cfg.export is None):
+        if key.startswith("teacher.") and cfg.teacher is None:
             continue
         value = _get(cfg, key)
         if value not in allowed:
             fail(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
     if cfg.export is not None:
-        from lowbit.trainer.export import FORMATS
-
-        if cfg.export.format not in FORMATS:
-            fail(f"export.format: unknown format {cfg.export.format!r}; choose one of {', '.join(FORMATS)}")
+        _validate_export(cfg, fail)
     sources = [
         cfg.model.path is not None,
         cfg.model.config is not None,

@@ -37,7 +37,9 @@ class Format:
 
 FORMATS: dict[str, Format] = {
     **{
-        f"gguf-{kind}": Format("gguf", f"gguf_{kind}", {"gguf_type": kind}, True, "llama.cpp, ollama, LM Studio")
+        f"gguf-{kind}": Format(
+            "gguf", f"gguf_{kind}", {"gguf_type": kind}, True, "llama.cpp, ollama, LM Studio"
+        )
         for kind in ("q8_0", "q4_0", "q4_1")
     },
     **{
@@ -50,7 +52,7 @@ FORMATS: dict[str, Format] = {
     "bnb-nf4": Format("bnb_nf4", "nf4", {}, False, "transformers + bitsandbytes"),
 }
 LORA_FORMATS = ("merged", "peft")
-FLOAT_TYPES = ("f16", "bf16", "f32")
+FLOAT_TYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}  # --float-type → torch dtype name
 
 
 @dataclass
@@ -65,6 +67,7 @@ class ExportSummary:
     max_delta_quantized: float
     max_delta_float: float
     ptq: bool
+    quantized_tensors: int = 0
 
     @property
     def bits_per_weight(self) -> float:
@@ -77,6 +80,8 @@ class ExportSummary:
     def table(self) -> str:
         kinds = ", ".join(f"{count} × {kind}" for kind, count in sorted(self.tensors.items()))
         exact = "exact" if self.max_delta_quantized == 0 else f"max |Δ| {self.max_delta_quantized:.3g}"
+        if not self.quantized_tensors:
+            exact = "none stored quantized"
         return "\n".join(
             [
                 f"exported {self.format} → {self.path}{' (PTQ)' if self.ptq else ''}",
@@ -97,44 +102,56 @@ def writer(fmt: str):
             "version cannot train yet. Choose one of: " + ", ".join(FORMATS)
         )
     if fmt not in FORMATS:
-        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join([*FORMATS, *LORA_FORMATS])}")
+        raise UserError(
+            f"unknown export format {fmt!r}; choose one of {', '.join([*FORMATS, *LORA_FORMATS])}"
+        )
     return importlib.import_module(f"lowbit.quant.formats.{FORMATS[fmt].module}")
 
 
 def load_source(source: Path, overrides: list[str]):
-    """(model, tokenizer, the model's .gguf origin or None) from a run, checkpoint, recipe or model path."""
+    """(model, tokenizer, the model's .gguf origin or None, trained-quantized?) for ``source``.
+
+    The last is False when the recipe has ``quant`` rules but the checkpoint was saved before its
+    ``enable_after_steps``: its quantizers never ran in training, so exporting it is PTQ.
+    """
     from lowbit.trainer import checkpoint as ckpt
     from lowbit.trainer.config import ModelConfig, load_config
     from lowbit.trainer.evaluate_cli import resolve_target
     from lowbit.trainer.model import build_tokenizer, load_model, resolve_model_dir
     from lowbit.trainer.quantization import apply_quantization
 
-    is_model = source.suffix == ".gguf" or (source / "config.json").is_file()
-    if is_model:
-        model_cfg = ModelConfig(path=str(source))
-        checkpoint, quant = None, None
+    if source.suffix == ".gguf" or (source / "config.json").is_file():
+        model_cfg, checkpoint, quant = ModelConfig(path=str(source)), None, None
     else:
         if source.is_file() and source.suffix not in (".yaml", ".yml"):
-            raise UserError(f"{source}: give a run directory, a checkpoint directory, a YAML recipe or a model")
+            raise UserError(
+                f"{source}: give a run directory, a checkpoint directory, a YAML recipe or a model"
+            )
         config_file, checkpoint = resolve_target(source)
         cfg = load_config(config_file, overrides)
         model_cfg, quant = cfg.model, cfg.quant
-        if model_cfg.init_from_teacher is not None and checkpoint is None:
-            raise UserError(f"{source}: a student initialised from its teacher needs a trained checkpoint")
-    model_dir = resolve_model_dir(model_cfg) if model_cfg.init_from_teacher is None else None
+        if model_cfg.init_from_teacher is not None:
+            raise UserError(
+                f"{source}: exporting a student built with init_from_teacher is not supported yet; save the "
+                "trained student with save_pretrained and export that directory"
+            )
+    model_dir = resolve_model_dir(model_cfg)
     tokenizer = build_tokenizer(model_cfg, model_dir)
-    if model_cfg.init_from_teacher is not None:
-        raise UserError(
-            f"{source}: exporting a student built with init_from_teacher from its checkpoint is not supported "
-            "yet; save it with save_pretrained and export that directory"
-        )
     model = load_model(model_cfg, model_dir, seed=0, vocab_needed=len(tokenizer))
+    trained_quantized = False
     if quant is not None:
         apply_quantization(model, quant, announce=False)
+        trained_quantized = (
+            checkpoint is not None and ckpt.checkpoint_step(checkpoint) > quant.enable_after_steps
+        )
     if checkpoint is not None:
         ckpt.load_weights(checkpoint, model)
-    origin = Path(model_cfg.path).expanduser() if model_cfg.path and str(model_cfg.path).endswith(".gguf") else None
-    return model.eval(), tokenizer, origin
+    origin = (
+        Path(model_cfg.path).expanduser()
+        if model_cfg.path and str(model_cfg.path).endswith(".gguf")
+        else None
+    )
+    return model.eval(), tokenizer, origin, trained_quantized
 
 
 def gguf_tokenizer_pre(origin: Path | None) -> str | None:
@@ -162,10 +179,11 @@ def apply_ptq(model, fmt: str, scheme: str | None) -> None:
     preset = scheme or FORMATS[fmt].preset
     if preset is None:
         raise UserError(f"--ptq: {fmt} stores float weights; there is nothing to quantize")
-    if preset == "gguf_ternary":  # llama.cpp's TQ types store fp16 scales
-        rule = {"match": "*", "weight": {"dtype": "ternary", "granularity": "tensor", "scale_dtype": "fp16"}}
-    elif preset in PRESETS:
-        rule = {"match": "*", **{part: preset for part in PRESETS[preset]}}  # its weight (and activation) specs
+    if preset in PRESETS:
+        rule = {
+            "match": "*",
+            **{part: preset for part in PRESETS[preset]},
+        }  # its weight (and activation) specs
     else:
         rule = {"match": "*", "weight": parse_scheme(preset)}
     try:
@@ -192,20 +210,33 @@ def parse_scheme(text: str) -> dict[str, Any]:
     return spec
 
 
-def _check_delta(inputs, read_back: dict) -> tuple[float, float]:
-    """Max |Δ| of the reader's tensors vs the trained ones: (quantized weights, float tensors)."""
+def _check_delta(inputs, read_back: dict, tolerance: float) -> tuple[float, float]:
+    """Max |Δ| of the reader's tensors vs the trained ones: (quantized weights, float tensors).
+
+    Raises when a tensor is missing or misshapen, or when a quantized weight differs from the
+    trained one by more than ``tolerance`` (0 for formats that store the trained grid exactly).
+    """
     missing = sorted({*inputs.state, *inputs.quantized} - set(read_back))
     if missing:
-        raise UserError(f"self-check failed: the written file lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    quantized = max(
-        ((read_back[name].float() - weight.dequantize()).abs().max().item() for name, weight in inputs.quantized.items()),
-        default=0.0,
-    )
-    floats = max(
-        ((read_back[name].float() - tensor.float()).abs().max().item() for name, tensor in inputs.state.items()),
-        default=0.0,
-    )
-    return quantized, floats
+        raise UserError(
+            f"self-check failed: the written file lacks {len(missing)} tensors, e.g. {missing[:3]}"
+        )
+    trained = {**inputs.state, **{name: weight.dequantize() for name, weight in inputs.quantized.items()}}
+    worst = {"quantized": 0.0, "float": 0.0}
+    for name, tensor in trained.items():
+        back = read_back[name]
+        if tuple(back.shape) != tuple(tensor.shape):
+            raise UserError(
+                f"self-check failed: {name} reads back as {tuple(back.shape)}, not {tuple(tensor.shape)}"
+            )
+        kind = "quantized" if name in inputs.quantized else "float"
+        worst[kind] = max(worst[kind], (back.float() - tensor.float()).abs().max().item())
+    if worst["quantized"] > tolerance:
+        raise UserError(
+            f"self-check failed: the format's reader gives quantized weights up to {worst['quantized']:.3g} away "
+            "from the trained ones; nothing was written at --out (please report this as a bug)"
+        )
+    return worst["quantized"], worst["float"]
 
 
 def _tensor_kinds(inputs, fmt: str) -> dict[str, int]:
@@ -213,7 +244,7 @@ def _tensor_kinds(inputs, fmt: str) -> dict[str, int]:
     for weight in inputs.quantized.values():
         counts[fmt.removeprefix("gguf-").upper() if fmt.startswith("gguf-") else weight.spec.describe()] += 1
     for tensor in inputs.state.values():
-        counts["f32 (norms)" if tensor.dim() == 1 else inputs.extra.get("float_type", inputs.dtype_name)] += 1
+        counts["f32 (norms)" if tensor.dim() == 1 and fmt.startswith("gguf-") else inputs.dtype_name] += 1
     return dict(counts)
 
 
@@ -223,55 +254,97 @@ def _size(path: Path) -> int:
     return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
 
 
+def _check_output(out: Path, source: Path, single_file: bool, overwrite: bool) -> Path:
+    """The resolved ``--out``; refuses anything that could lose work before a byte is written."""
+    out = out.expanduser().resolve()
+    if not out.parent.is_dir():
+        raise UserError(f"the parent directory of --out, {out.parent}, does not exist")
+    source = source.expanduser().resolve()
+    if out == source or out in source.parents:
+        raise UserError(f"--out {out} is the source or contains it; choose another path")
+    if out.exists():
+        if not overwrite:
+            raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
+        if out.is_dir() == single_file:
+            kind = "directory" if out.is_dir() else "file"
+            raise UserError(
+                f"--overwrite: {out} is a {kind}, and this format writes a {'file' if single_file else 'directory'}"
+            )
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _place(staging: Path, out: Path) -> None:
+    """Move the checked output into place; an existing one is kept aside until the move succeeded."""
+    backup = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    if out.exists():
+        os.replace(out, backup)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if backup.exists():
+            os.replace(backup, out)
+        raise
+    _remove(backup)
+
+
 def export(
     source: Path,
     fmt: str,
     out: Path,
     ptq: bool | str = False,
     overrides: list[str] | None = None,
-    float_type: str = "f16",
+    float_type: str | None = None,
     tokenizer_pre: str | None = None,
     overwrite: bool = False,
 ) -> ExportSummary:
-    """Export ``source`` to ``out`` in ``fmt``, self-check it, and return the summary."""
+    """Export ``source`` to ``out`` in ``fmt``, self-check it, and return the summary.
+
+    ``float_type`` (f16, bf16, f32) is how tensors left in float are stored: GGUF defaults to f16,
+    the Hugging Face formats to the model's own dtype.
+    """
     from lowbit.quant.formats import ExportError, collect
 
-    module = writer(fmt)
-    if float_type not in FLOAT_TYPES:
+    module, choice = writer(fmt), FORMATS[fmt]
+    if float_type is not None and float_type not in FLOAT_TYPES:
         raise UserError(f"--float-type {float_type!r}; choose one of {', '.join(FLOAT_TYPES)}")
-    out = out.expanduser()
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
-    if not out.parent.is_dir():
-        raise UserError(f"the parent directory of --out, {out.parent}, does not exist")
-    model, tokenizer, origin = load_source(source, overrides or [])
+    out = _check_output(out, source, choice.single_file, overwrite)
+    model, tokenizer, origin, trained_quantized = load_source(source, overrides or [])
     if ptq:
         apply_ptq(model, fmt, ptq if isinstance(ptq, str) else None)
     inputs = collect(model, tokenizer)
-    inputs.extra.update(FORMATS[fmt].options)
-    if FORMATS[fmt].module == "gguf":
-        tokenizer_pre = tokenizer_pre or gguf_tokenizer_pre(origin)
-    inputs.extra.update({"float_type": float_type, "tokenizer_pre": tokenizer_pre, "name": source.name})
-    if FORMATS[fmt].preset is not None and not inputs.quantized:
+    inputs.extra.update(choice.options, name=source.name)
+    if choice.module == "gguf":
+        inputs.extra.update(
+            float_type=float_type or "f16", tokenizer_pre=tokenizer_pre or gguf_tokenizer_pre(origin)
+        )
+    elif float_type is not None:
+        inputs.dtype_name = FLOAT_TYPES[float_type]
+    if choice.preset is not None and not inputs.quantized:
         raise UserError(
             f"{source} is a float model: {fmt} stores quantized weights. Train it with a `quant` rule "
-            f"(preset {FORMATS[fmt].preset}), or add --ptq to round to nearest now"
+            f"(preset {choice.preset}), or add --ptq to round to nearest now"
         )
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         module.check(inputs)
-        if not FORMATS[fmt].single_file:
+        if not choice.single_file:
             staging.mkdir()
         module.write(inputs, staging)
-        quantized_delta, float_delta = _check_delta(inputs, module.read(staging))
-        if overwrite and out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(staging, out)
+        # A float format stores quantized weights as floats: their rounding is storage, not a failure.
+        tolerance = getattr(module, "tolerance", lambda _: 0.0)(inputs) if choice.preset else float("inf")
+        quantized_delta, float_delta = _check_delta(inputs, module.read(staging), tolerance)
+        _place(staging, out)
     except ExportError as error:
         raise UserError(str(error)) from None
     finally:
-        if staging.exists():
-            shutil.rmtree(staging) if staging.is_dir() else staging.unlink()
+        _remove(staging)
     parameters = sum(w.codes.numel() for w in inputs.quantized.values()) + sum(
         t.numel() for t in inputs.state.values()
     )
@@ -283,5 +356,6 @@ def export(
         file_bytes=_size(out),
         max_delta_quantized=quantized_delta,
         max_delta_float=float_delta,
-        ptq=bool(ptq),
+        ptq=bool(ptq) or (bool(inputs.quantized) and not trained_quantized),
+        quantized_tensors=len(inputs.quantized),
     )

@@ -58,6 +58,44 @@ class ExportInputs:
 
 
 QUANTIZER_KEYS = ("weight_quantizer.", "activation_quantizer.")
+WEIGHTS_FILE = "model.safetensors"  # the Hugging Face formats' single weights file
+
+
+def module_name(param_name: str) -> str:
+    """``model.layers.0.mlp.up_proj.weight`` → ``model.layers.0.mlp.up_proj``."""
+    return param_name.removesuffix(".weight")
+
+
+def skeleton(config: Any) -> nn.Module | None:
+    """The model ``config`` describes, built on the meta device (no memory); None if unknown.
+
+    Writers use it to list the model's Linear layers: the ones left in float must be named in the
+    file (``ignore``, ``modules_to_not_convert``...), and a tied output head, for one, has no tensor
+    of its own in ``ExportInputs.state``.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for auto in (AutoModelForCausalLM, AutoModel):
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config)
+        except Exception:  # an architecture this Auto class does not know
+            continue
+    return None
+
+
+def linear_modules(config: Any) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` (and transformers ``Conv1D``) of the model ``config`` describes, by name."""
+    model = skeleton(config)
+    if model is None:
+        raise ExportError(
+            f"transformers cannot build a {getattr(config, 'model_type', '?')!r} model from its config"
+        )
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    }
 
 
 @torch.no_grad()
@@ -65,8 +103,8 @@ def collect(model: nn.Module, tokenizer: Any = None, dtype: torch.dtype | None =
     """``ExportInputs`` of a (fake-quant) Hugging Face model: codes for quantized weights, the rest float.
 
     A head tied to the input embeddings is stored once (as the embeddings), as ``save_pretrained``
-    does; if only the head is quantized the two no longer share values, so both are stored and the
-    config written says ``tie_word_embeddings: false``.
+    does; if only one of them is quantized, or both with different specs, the two no longer share
+    values, so both are stored and the config written says ``tie_word_embeddings: false``.
     """
     config = model.config
     quantized = {f"{name}.weight": weight for name, weight in convert(model).items()}
@@ -81,12 +119,15 @@ def collect(model: nn.Module, tokenizer: Any = None, dtype: torch.dtype | None =
     embed_name = next((name for name, module in model.named_modules() if module is embeddings), None)
     if tied and head_name is not None and embed_name is not None:
         head_key, embed_key = f"{head_name}.weight", f"{embed_name}.weight"
-        if (head_key in quantized) != (embed_key in quantized):
+        same = (head_key in quantized) == (embed_key in quantized) and (
+            head_key not in quantized or quantized[head_key].spec == quantized[embed_key].spec
+        )
+        if not same:  # one side quantized, or both with different specs: the values differ
             config = config.__class__.from_dict({**config.to_dict(), "tie_word_embeddings": False})
-            if head_key in quantized:
-                state[embed_key] = embeddings.weight.detach()
-            else:
+            if head_key not in quantized:
                 state[head_key] = head.weight.detach()
+            if embed_key not in quantized:
+                state[embed_key] = embeddings.weight.detach()
         else:
             state.pop(head_key, None)
             quantized.pop(head_key, None)
@@ -106,4 +147,12 @@ def collect(model: nn.Module, tokenizer: Any = None, dtype: torch.dtype | None =
     )
 
 
-__all__ = ["ExportError", "ExportInputs", "collect"]
+__all__ = [
+    "WEIGHTS_FILE",
+    "ExportError",
+    "ExportInputs",
+    "collect",
+    "linear_modules",
+    "module_name",
+    "skeleton",
+]

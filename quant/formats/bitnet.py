@@ -33,11 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lowbit.quant.formats import ExportError, ExportInputs
+from lowbit.quant.formats import WEIGHTS_FILE, ExportError, ExportInputs, linear_modules, module_name
 
 VALUES_PER_BYTE = 4  # 2 bits per ternary value
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
-WEIGHTS_NAME = "model.safetensors"
 # What BitLinear does to its input: int8, one absmax scale per token, kept in float32.
 BITLINEAR_INPUT = ("int8", "token", True, "fp32")
 
@@ -74,26 +73,18 @@ def unpack_ternary(packed: Tensor, rows: int) -> Tensor:
 # -- the model skeleton -------------------------------------------------------------------------------
 
 
-def linear_modules(config) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` (and transformers ``Conv1D``) of the model ``config`` describes, by name.
+def tolerance(inputs: ExportInputs) -> float:
+    """How far ``read`` may be from the trained weights: 0, except ``bitlinear``'s reciprocal scale.
 
-    Built on the meta device (no memory, no weights), because the file must list the Linear layers
-    that stay in float (``modules_to_not_convert``): a tied output head, for one, has no tensor of
-    its own in ``ExportInputs.state`` and would otherwise be swapped for a quantized layer on load.
+    ``bitlinear`` stores ``1/scale`` and divides by it: two roundings, within a few float32 ulps
+    of the largest weight.
     """
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-    }
-
-
-def _module_name(param_name: str) -> str:
-    return param_name.removesuffix(".weight")
+    if _linear_class(inputs) == "autobitlinear":
+        return 0.0
+    largest = max(
+        (weight.stored_scale().abs().max().item() for weight in inputs.quantized.values()), default=0.0
+    )
+    return largest * 2.0**-20
 
 
 def _linear_class(inputs: ExportInputs) -> str:
@@ -118,7 +109,7 @@ def check(inputs: ExportInputs) -> None:
         )
     linears = linear_modules(inputs.config)
     for name, weight in inputs.quantized.items():
-        module = _module_name(name)
+        module = module_name(name)
         spec = weight.spec
         if spec.dtype != "ternary" or spec.granularity != "tensor":
             raise ExportError(
@@ -167,11 +158,11 @@ def write(inputs: ExportInputs, out: Path) -> None:
         # BitLinear divides its output by weight_scale, AutoBitLinear multiplies: see the module doc.
         stored_scale = 1 / scale if linear_class == "bitlinear" else scale
         tensors[name] = pack_ternary(weight.codes)
-        tensors[f"{_module_name(name)}.weight_scale"] = stored_scale.to(dtype)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / WEIGHTS_NAME,
+        tensors[f"{module_name(name)}.weight_scale"] = stored_scale.to(dtype)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / WEIGHTS_FILE,
               metadata={"format": "pt"})  # fmt: skip
 
-    quantized_modules = {_module_name(name) for name in inputs.quantized}
+    quantized_modules = {module_name(name) for name in inputs.quantized}
     float_linears = sorted(set(linear_modules(inputs.config)) - quantized_modules)
     config = inputs.config.to_dict()
     config["dtype"] = inputs.dtype_name
@@ -199,13 +190,13 @@ def read(out: Path) -> dict[str, Tensor]:
 
     unpack = inspect.unwrap(unpack_weights)
     out = Path(out)
-    tensors = load_file(out / WEIGHTS_NAME)
+    tensors = load_file(out / WEIGHTS_FILE)
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     result: dict[str, Tensor] = {}
     for name, tensor in tensors.items():
         if name.endswith(".weight_scale"):
             continue
-        scale = tensors.get(f"{_module_name(name)}.weight_scale")
+        scale = tensors.get(f"{module_name(name)}.weight_scale")
         if name.endswith(".weight") and tensor.dtype == torch.uint8 and scale is not None:
             codes = unpack(tensor, dtype=torch.float32)
             scale = scale.float()
@@ -215,4 +206,4 @@ def read(out: Path) -> dict[str, Tensor]:
     return result
 
 
-__all__ = ["check", "linear_modules", "pack_ternary", "read", "unpack_ternary", "write"]
+__all__ = ["check", "pack_ternary", "read", "unpack_ternary", "write"]

@@ -33,13 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lowbit.quant.formats import ExportError, ExportInputs
-from lowbit.quant.formats.bitnet import linear_modules
+from lowbit.quant.formats import WEIGHTS_FILE, ExportError, ExportInputs, linear_modules, module_name
 
 # bitsandbytes' 4-bit block sizes (quantize_4bit's list); the state records it, so transformers loads any.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for double-quantizing the absmax
-WEIGHTS_NAME = "model.safetensors"
 # What QuantState.as_dict(packed=True) stores next to a 4-bit weight, by key suffix.
 STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
@@ -68,8 +66,11 @@ def unpack_nf4(packed: Tensor, n: int) -> Tensor:
 # -- the writer contract ------------------------------------------------------------------------------
 
 
-def _module_name(param_name: str) -> str:
-    return param_name.removesuffix(".weight")
+def tolerance(inputs: ExportInputs) -> float:
+    """0: the absmax is stored in float32, exactly. Double quant re-quantizes it to 8 bits (≤ 1%)."""
+    if not inputs.extra.get("double_quant", False):
+        return 0.0
+    return 0.01 * max((weight.scale.abs().max().item() for weight in inputs.quantized.values()), default=0.0)
 
 
 def check(inputs: ExportInputs) -> None:
@@ -81,13 +82,19 @@ def check(inputs: ExportInputs) -> None:
         )
     linears = linear_modules(inputs.config)
     for name, weight in inputs.quantized.items():
-        module = _module_name(name)
+        module = module_name(name)
         spec = weight.spec
         if spec.dtype != "nf4" or spec.group_size not in BLOCKSIZES:
             raise ExportError(
                 f"{name} is quantized as {spec.describe()}; a bitsandbytes NF4 checkpoint holds nf4 weights with "
                 f"group size {' / '.join(map(str, BLOCKSIZES))}: use the `nf4` preset (group 64) for it, or "
                 "skip it in the quant rules"
+            )
+        if spec.scale_dtype != "fp32" or spec.learn_scale:
+            raise ExportError(
+                f"{name}: bitsandbytes stores each block's absmax itself in float32; this spec "
+                f"({spec.describe()}, scale_dtype {spec.scale_dtype}{', learned' if spec.learn_scale else ''}) "
+                "uses another scale: use the `nf4` preset"
             )
         if module not in linears:
             raise ExportError(
@@ -142,10 +149,10 @@ def write(inputs: ExportInputs, out: Path) -> None:
         tensors[name] = pack_nf4(weight.codes).reshape(-1, 1)  # Params4bit's [numel / 2, 1]
         for key, value in state.as_dict(packed=True).items():
             tensors[f"{name}.{key}"] = value.clone()  # the shared NF4 table, stored once per weight
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / WEIGHTS_NAME,
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / WEIGHTS_FILE,
               metadata={"format": "pt"})  # fmt: skip
 
-    quantized_modules = {_module_name(name) for name in inputs.quantized}
+    quantized_modules = {module_name(name) for name in inputs.quantized}
     quant_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -174,7 +181,7 @@ def read(out: Path) -> dict[str, Tensor]:
     """
     import bitsandbytes.functional as bnbf
 
-    tensors = load_file(Path(out) / WEIGHTS_NAME)
+    tensors = load_file(Path(out) / WEIGHTS_FILE)
     quantized = {name for name in tensors if f"{name}.absmax" in tensors}
     companions = {f"{name}.{part}" for name in quantized for part in STATE_KEYS}
     result: dict[str, Tensor] = {}

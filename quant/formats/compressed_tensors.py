@@ -43,13 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.quant.convert import QuantizedWeight
-from lowbit.quant.formats import ExportError, ExportInputs
+from lowbit.quant.formats import WEIGHTS_FILE, ExportError, ExportInputs, skeleton
 from lowbit.quant.spec import INT_BITS, QuantSpec
 
 PACKED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"
 MIXED = "mixed-precision"
-WEIGHTS_FILE = "model.safetensors"
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Linear layers that vLLM fuses into one (qkv_proj, gate_up_proj): their parts must share a scheme.
 FUSED_PARTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -111,12 +110,7 @@ def _scale(weight: QuantizedWeight) -> Tensor:
     Specs with ``scale_dtype`` fp16/bf16 round the scale before use; the rounded value is what
     multiplies the codes, so that is the value stored (in float32, see the module docstring).
     """
-    scale = weight.scale.float()
-    if weight.spec.scale_dtype == "fp16":
-        scale = scale.to(torch.float16).float()
-    elif weight.spec.scale_dtype == "bf16":
-        scale = scale.to(torch.bfloat16).float()
-    return scale.reshape(weight.shape[0], -1).contiguous()
+    return weight.stored_scale().reshape(weight.shape[0], -1).contiguous()
 
 
 def _unsigned(codes: Tensor, spec: QuantSpec) -> Tensor:
@@ -186,26 +180,13 @@ def activation_args(spec: QuantSpec) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _skeleton(config: Any) -> nn.Module | None:
-    """The model built on the meta device (no memory), to list its Linear layers; None if unknown."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    for auto in (AutoModelForCausalLM, AutoModel):
-        try:
-            with torch.device("meta"):
-                return auto.from_config(config)
-        except Exception:  # an architecture this Auto class does not know
-            continue
-    return None
-
-
 def _module_kinds(inputs: ExportInputs) -> tuple[dict[str, str], str | None]:
     """(module name → class kind for every Linear/Embedding-like layer, architecture name).
 
     Without a buildable model, every 2-D ``.weight`` is assumed to be a Linear unless its name
     says embedding.
     """
-    model = _skeleton(inputs.config)
+    model = skeleton(inputs.config)
     if model is None:
         names = {
             n.removesuffix(".weight")

@@ -54,8 +54,8 @@ HOLDS = {
     "q8_0": ("int8", True, "gguf_q8_0"),
     "q4_0": ("int4", True, "gguf_q4_0"),
     "q4_1": ("int4", False, "gguf_q4_1"),
-    "tq2_0": ("ternary", None, "bitnet (ternary)"),
-    "tq1_0": ("ternary", None, "bitnet (ternary)"),
+    "tq2_0": ("ternary", None, "gguf_ternary"),
+    "tq1_0": ("ternary", None, "gguf_ternary"),
 }
 
 _LAYER_NAMES = {
@@ -160,35 +160,40 @@ def check(inputs: ExportInputs) -> None:
             f"gguf-{kind} needs quantized weights, and this model has none: train with the "
             f"{HOLDS[kind][2]} preset in `quant.rules`, or add --ptq for round-to-nearest"
         )
-    dtype, symmetric, preset = HOLDS[kind]
-    block = QK_TERNARY if dtype == "ternary" else 32
     for name, weight in inputs.quantized.items():
-        spec = weight.spec
-        held = spec.dtype == dtype and (symmetric is None or spec.symmetric == symmetric)
-        if dtype != "ternary":
-            held = held and spec.granularity == "group" and spec.group_size == 32
-        if not held:
+        problem = _cannot_hold(weight, kind)
+        if problem:
             raise ExportError(
-                f"gguf-{kind} cannot hold {name}, quantized as {spec.describe()}: {kind.upper()} stores "
-                f"{'ternary' if dtype == 'ternary' else ('symmetric ' if symmetric else 'asymmetric ') + dtype} "
-                f"values in blocks of {block} along a row. Train with the {preset} preset, or export "
-                "--format compressed-tensors"
-            )
-        cols = weight.shape[-1]
-        if cols % block:
-            raise ExportError(
-                f"gguf-{kind}: {name} has rows of {cols} values, not a multiple of the {block}-value block; "
-                f"skip this module in `quant.rules` or pick a format with smaller blocks"
-            )
-        if dtype == "ternary" and _scales_per_row(weight) > cols // block:
-            raise ExportError(
-                f"gguf-{kind}: {name} has more than one scale per {block}-value block ({spec.describe()}); "
-                "use per-tensor or per-channel ternary scales"
+                f"gguf-{kind} cannot hold {name}, quantized as {weight.spec.describe()}: {problem}. Train with "
+                f"the {HOLDS[kind][2]} preset, or export --format compressed-tensors"
             )
 
 
-def _scales_per_row(weight: QuantizedWeight) -> int:
-    return max(1, weight.scale.shape[0] // weight.shape[0]) if weight.scale.shape[0] >= weight.shape[0] else 1
+def _cannot_hold(weight: QuantizedWeight, kind: str) -> str | None:
+    """Why ``kind``'s blocks cannot store ``weight`` bit for bit (None when they can)."""
+    spec, (dtype, symmetric, _) = weight.spec, HOLDS[kind]
+    block = QK_TERNARY if dtype == "ternary" else 32
+    layout = (
+        "ternary values"
+        if dtype == "ternary"
+        else f"{'symmetric' if symmetric else 'asymmetric'} {dtype} values"
+    )
+    if spec.dtype != dtype or (symmetric is not None and spec.symmetric != symmetric):
+        return f"{kind.upper()} stores {layout} in blocks of {block} along a row"
+    if dtype == "ternary":
+        if spec.granularity == "group" and spec.group_size % block:
+            return (
+                f"one block of {block} values would span several of its {spec.group_size}-value scale groups"
+            )
+    elif spec.granularity != "group" or spec.group_size != 32:
+        return f"{kind.upper()} stores {layout} in blocks of 32 along a row, one scale each"
+    if weight.shape[-1] % block:
+        return f"its rows of {weight.shape[-1]} values are not a multiple of the {block}-value block"
+    if spec.scale_dtype != "fp16":
+        return f"{kind.upper()} stores fp16 scales and these are {spec.scale_dtype} (set scale_dtype: fp16)"
+    if kind == "q4_1" and weight.offset is None:
+        return "Q4_1 stores a float minimum per block, not an integer zero point"
+    return None
 
 
 # -- write ---------------------------------------------------------------------------------------
@@ -200,18 +205,19 @@ def _format_codes(weight: QuantizedWeight, kind: str) -> tuple[np.ndarray, np.nd
     codes = weight.codes.to(torch.int32).numpy()
     spec = weight.spec
     block = QK_TERNARY if kind.startswith("tq") else 32
-    per_element = weight.scale.reshape(-1).repeat_interleave(weight.codes.numel() // weight.scale.shape[0])
-    scales = per_element.reshape(rows, cols)[:, ::block].numpy()  # one scale per block
+
+    def per_block(values: Tensor) -> np.ndarray:
+        """Per-scale-group values ``[groups, 1]`` → one per format block ``[rows, cols / block]``."""
+        per_element = values.reshape(-1).repeat_interleave(weight.codes.numel() // values.shape[0])
+        return per_element.reshape(rows, cols)[:, ::block].numpy()
+
+    scales = per_block(weight.scale)
     minimums = None
     if kind == "q4_0" and spec.convention != "gguf_q4_0":
         codes = codes + 8  # symmetric int4 q in [-7, 7] is c − 8 with c in [1, 15]
-    if kind == "q4_1":
-        if spec.convention == "gguf_q4_1":
-            offsets = weight.offset
-        else:  # asymmetric (q − zp)·s = q·s + (−zp·s)
-            offsets = -weight.zero_point * weight.scale
-        per_element = offsets.reshape(-1).repeat_interleave(weight.codes.numel() // offsets.shape[0])
-        minimums = per_element.reshape(rows, cols)[:, ::block].numpy()
+    if kind == "q4_1":  # value = d·c + m: GGUF's own preset, or LSQ+'s learned offset
+        assert weight.offset is not None
+        minimums = per_block(weight.offset)
     return codes, scales, minimums
 
 

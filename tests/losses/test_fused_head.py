@@ -76,9 +76,14 @@ def test_fused_head_with_fake_quant_head_and_padded_teacher_vocab():
         states = hidden.clone().requires_grad_(True)
         head.zero_grad()
         if fused:
-            inputs, head_inputs = LossInputs(labels=labels), HeadInputs(states, head, teacher_hidden, teacher_head, 5)
+            inputs, head_inputs = (
+                LossInputs(labels=labels),
+                HeadInputs(states, head, teacher_hidden, teacher_head, 5),
+            )
         else:
-            inputs = LossInputs(labels, student_logits=head(states), teacher_logits=teacher_head(teacher_hidden)[..., :40])
+            inputs = LossInputs(
+                labels, student_logits=head(states), teacher_logits=teacher_head(teacher_hidden)[..., :40]
+            )
             head_inputs = None
         loss, _ = objective(inputs, num_tokens, head=head_inputs)
         loss.backward()

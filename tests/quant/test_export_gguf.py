@@ -25,7 +25,13 @@ def tiny_llama(hidden=64, intermediate=128, tie=True, seed=0, **fields):
 
 @pytest.mark.parametrize(
     "qtype,low,high,block",
-    [(T.Q8_0, -127, 127, 32), (T.Q4_0, 0, 15, 32), (T.Q4_1, 0, 15, 32), (T.TQ2_0, -1, 1, 256), (T.TQ1_0, -1, 1, 256)],
+    [
+        (T.Q8_0, -127, 127, 32),
+        (T.Q4_0, 0, 15, 32),
+        (T.Q4_1, 0, 15, 32),
+        (T.TQ2_0, -1, 1, 256),
+        (T.TQ1_0, -1, 1, 256),
+    ],
 )
 def test_pack_unpack_round_trip_and_gguf_reader(qtype, low, high, block):
     rng = np.random.default_rng(int(qtype))
@@ -82,7 +88,10 @@ def test_trained_grid_reads_back_bit_for_bit(tmp_path, preset, kind):
 
 def test_ternary_types_hold_fp16_scaled_ternary_weights(tmp_path):
     model = tiny_llama(hidden=256, intermediate=512)
-    quantize_model(model, [{"match": "*", "weight": {"dtype": "ternary", "granularity": "tensor", "scale_dtype": "fp16"}}])
+    quantize_model(
+        model,
+        [{"match": "*", "weight": {"dtype": "ternary", "granularity": "tensor", "scale_dtype": "fp16"}}],
+    )
     inputs = collect(model, byte_tokenizer())
     for kind in ("tq2_0", "tq1_0"):
         inputs.extra["gguf_type"] = kind
@@ -149,4 +158,67 @@ def test_unsupported_architecture_lists_the_supported_ones():
     inputs = collect(model)
     inputs.extra["gguf_type"] = "f16"
     with pytest.raises(ExportError, match="supports the architectures llama, mistral; this model is 'gpt2'"):
+        gguf_format.check(inputs)
+
+
+def test_tied_head_and_embeddings_quantized_differently_are_both_written(tmp_path):
+    """Tied in float, but head and embeddings quantized with different specs hold different values:
+    the export unties them and writes both (llama.cpp then reads ``output.weight``)."""
+    model = tiny_llama(tie=True)
+    int8_g32 = {"dtype": "int8", "granularity": "group", "group_size": 32, "scale_dtype": "fp16"}
+    quantize_model(model, [{"match": "lm_head", "weight": "gguf_q8_0"}, {"match": "*", "weight": int8_g32}],
+                   quantize_head=True, quantize_embeddings=True)  # fmt: skip
+    inputs = collect(model, byte_tokenizer())
+    assert inputs.config.tie_word_embeddings is False
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(inputs.quantized)
+    inputs.extra["gguf_type"] = "q8_0"
+    gguf_format.check(inputs)
+    gguf_format.write(inputs, tmp_path / "untied.gguf")
+    back = gguf_format.read(tmp_path / "untied.gguf")
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert torch.equal(back[name], inputs.quantized[name].dequantize())
+    assert not torch.equal(back["lm_head.weight"], back["model.embed_tokens.weight"])
+
+
+def test_learned_fp16_scales_export_exactly(tmp_path):
+    """LSQ scales are rounded to fp16 in the forward, so Q4_0 stores exactly what trained."""
+    model = tiny_llama(tie=False)
+    spec = {"dtype": "int4", "granularity": "group", "group_size": 32, "learn_scale": True, "scale_dtype": "fp16"}
+    quantize_model(model, [{"match": "*", "weight": spec}])
+    with torch.no_grad():
+        for quantizer in [m for m in model.modules() if getattr(m, "scale", None) is not None]:
+            quantizer.scale.mul_(1.0 + 1e-3 * torch.rand_like(quantizer.scale))  # "learned": not fp16 values
+    inputs = collect(model, byte_tokenizer())
+    inputs.extra["gguf_type"] = "q4_0"
+    gguf_format.check(inputs)
+    gguf_format.write(inputs, tmp_path / "lsq.gguf")
+    back = gguf_format.read(tmp_path / "lsq.gguf")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert torch.equal(back["model.layers.0.self_attn.q_proj.weight"], layer.quantized_weight().detach())
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ({"dtype": "int4", "granularity": "group", "group_size": 32}, "fp16 scales"),
+        ({"dtype": "int4", "granularity": "group", "group_size": 32, "symmetric": False, "scale_dtype": "fp16"},
+         "symmetric int4"),
+    ],
+)  # fmt: skip
+def test_q4_0_refuses_scales_or_zero_points_it_cannot_store(spec, message):
+    model = tiny_llama()
+    quantize_model(model, [{"match": "*", "weight": spec}])
+    inputs = collect(model)
+    inputs.extra["gguf_type"] = "q4_0"
+    with pytest.raises(ExportError, match=message):
+        gguf_format.check(inputs)
+
+
+def test_q4_1_refuses_integer_zero_points():
+    model = tiny_llama()
+    spec = {"dtype": "int4", "granularity": "group", "group_size": 32, "symmetric": False, "scale_dtype": "fp16"}
+    quantize_model(model, [{"match": "*", "weight": spec}])
+    inputs = collect(model)
+    inputs.extra["gguf_type"] = "q4_1"
+    with pytest.raises(ExportError, match="float minimum per block, not an integer zero point"):
         gguf_format.check(inputs)

@@ -24,7 +24,9 @@ def qat_run(tmp_path_factory):
 
 def test_qat_run_exports_to_gguf_exactly_and_evaluates_the_same(qat_run, tmp_path, capsys):
     out = tmp_path / "model.gguf"
-    assert main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(out), "--float-type", "f32"]) == 0
+    assert (
+        main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(out), "--float-type", "f32"]) == 0
+    )
     report = capsys.readouterr().out
     assert "14 × Q4_0" in report and "quantized weights vs trained: exact" in report
     assert "float tensors max |Δ| 0 " in report  # f32 storage keeps the float tensors as trained
@@ -79,8 +81,12 @@ def test_export_section_runs_when_training_ends(tmp_path, capsys):
     args = tiny_overrides(run_dir, "train.max_steps=2", "train.warmup_steps=0", "eval.every_steps=0",
                           "export.format=gguf-q8_0", "export.ptq=true")  # fmt: skip
     assert main(["train", str(TINY), *args]) == 0
-    assert "exported gguf-q8_0" in capsys.readouterr().out
-    assert (run_dir / "export" / "gguf-q8_0.gguf").is_file()
+    report = capsys.readouterr().out
+    assert "exported gguf-q8_0" in report and "(PTQ)" in report and "exact" in report
+    from gguf import GGUFReader
+
+    written = GGUFReader(str(run_dir / "export" / "gguf-q8_0.gguf"))
+    assert {t.tensor_type.name for t in written.tensors} == {"Q8_0", "F16", "F32"}
 
 
 def test_unknown_export_format_in_a_recipe_fails_before_training(tmp_path, capsys):
@@ -88,3 +94,59 @@ def test_unknown_export_format_in_a_recipe_fails_before_training(tmp_path, capsy
     assert main(["train", str(TINY), *args]) == 2
     assert "export.format: unknown format 'gguf-q5_k'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_refuses_to_replace_a_directory_with_a_file_or_the_source(qat_run, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    (folder / "keep").mkdir(parents=True)
+    assert main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(folder), "--overwrite"]) == 2
+    assert "is a directory" in capsys.readouterr().err and (folder / "keep").is_dir()
+    assert main(["export", str(qat_run), "--format", "bnb-nf4", "--out", str(qat_run.parent), "--overwrite"]) == 2
+    assert "contains it" in capsys.readouterr().err and qat_run.is_dir()
+
+
+def test_overwrite_replaces_a_previous_export(qat_run, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    assert main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes()[:4] == b"GGUF" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_a_failing_self_check_writes_nothing(qat_run, tmp_path, monkeypatch, capsys):
+    """A reader that disagrees with the trained weights stops the export before --out exists."""
+    from lowbit.quant.formats import gguf
+
+    real_read = gguf.read
+
+    def corrupted(path):
+        weights = real_read(path)
+        weights["model.layers.0.mlp.up_proj.weight"][0, 0] += 1e-3
+        return weights
+
+    monkeypatch.setattr(gguf, "read", corrupted)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(out)]) == 2
+    assert "self-check failed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_saved_before_quantization_started_is_labelled_ptq(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    overrides = ["train.max_steps=3", "train.warmup_steps=0", "eval.every_steps=0", QAT_Q4_0, "quant.enable_after_steps=5"]
+    train(load_config(TINY, tiny_overrides(run_dir, *overrides)))
+    assert main(["export", str(run_dir), "--format", "gguf-q4_0", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert "(PTQ)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["export.format=gguf-q4_0"], "add a `quant` section (QAT) or set export.ptq: true"),
+        (["export.format=gguf-q4_0", "export.ptq=true", QAT_Q4_0], "drop export.ptq"),
+        (["export.format=gguf-f16", "export.ptq=true"], "nothing to quantize"),
+        (["export.format=gguf-f16", "export.float_type=f8"], "export.float_type"),
+    ],
+)
+def test_export_section_is_checked_before_training(tmp_path, capsys, overrides, message):
+    assert main(["train", str(TINY), *tiny_overrides(tmp_path / "run", *overrides)]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
