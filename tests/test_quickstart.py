@@ -37,6 +37,9 @@ def test_quickstart_recipe_trains_the_pretrained_model_and_eval_agrees(tmp_path)
     before, after = map(float, match.groups())
     assert 10 < before < 40  # the pretrained model loaded (a random one scores ~49,000)
     assert after < 40
+    # ... and ends with its `export:` section: a Q8_0 GGUF, self-checked by the gguf reader
+    assert "exported gguf-q8_0" in done.stdout and "quantized weights vs trained: exact" in done.stdout
+    assert (run_dir / "export" / "gguf-q8_0.gguf").stat().st_size > 100 * 2**20
     evaluated = run_cli("eval", str(run_dir), env={"OMP_NUM_THREADS": "2"})
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     row = next(line for line in evaluated.stdout.splitlines() if "checkpoint-000003" in line)

@@ -183,7 +183,13 @@ def test_tied_head_and_embeddings_quantized_differently_are_both_written(tmp_pat
 def test_learned_fp16_scales_export_exactly(tmp_path):
     """LSQ scales are rounded to fp16 in the forward, so Q4_0 stores exactly what trained."""
     model = tiny_llama(tie=False)
-    spec = {"dtype": "int4", "granularity": "group", "group_size": 32, "learn_scale": True, "scale_dtype": "fp16"}
+    spec = {
+        "dtype": "int4",
+        "granularity": "group",
+        "group_size": 32,
+        "learn_scale": True,
+        "scale_dtype": "fp16",
+    }
     quantize_model(model, [{"match": "*", "weight": spec}])
     with torch.no_grad():
         for quantizer in [m for m in model.modules() if getattr(m, "scale", None) is not None]:
@@ -216,7 +222,13 @@ def test_q4_0_refuses_scales_or_zero_points_it_cannot_store(spec, message):
 
 def test_q4_1_refuses_integer_zero_points():
     model = tiny_llama()
-    spec = {"dtype": "int4", "granularity": "group", "group_size": 32, "symmetric": False, "scale_dtype": "fp16"}
+    spec = {
+        "dtype": "int4",
+        "granularity": "group",
+        "group_size": 32,
+        "symmetric": False,
+        "scale_dtype": "fp16",
+    }
     quantize_model(model, [{"match": "*", "weight": spec}])
     inputs = collect(model)
     inputs.extra["gguf_type"] = "q4_1"

@@ -101,7 +101,10 @@ def test_overwrite_refuses_to_replace_a_directory_with_a_file_or_the_source(qat_
     (folder / "keep").mkdir(parents=True)
     assert main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(folder), "--overwrite"]) == 2
     assert "is a directory" in capsys.readouterr().err and (folder / "keep").is_dir()
-    assert main(["export", str(qat_run), "--format", "bnb-nf4", "--out", str(qat_run.parent), "--overwrite"]) == 2
+    assert (
+        main(["export", str(qat_run), "--format", "bnb-nf4", "--out", str(qat_run.parent), "--overwrite"])
+        == 2
+    )
     assert "contains it" in capsys.readouterr().err and qat_run.is_dir()
 
 
@@ -132,7 +135,13 @@ def test_a_failing_self_check_writes_nothing(qat_run, tmp_path, monkeypatch, cap
 
 def test_a_checkpoint_saved_before_quantization_started_is_labelled_ptq(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    overrides = ["train.max_steps=3", "train.warmup_steps=0", "eval.every_steps=0", QAT_Q4_0, "quant.enable_after_steps=5"]
+    overrides = [
+        "train.max_steps=3",
+        "train.warmup_steps=0",
+        "eval.every_steps=0",
+        QAT_Q4_0,
+        "quant.enable_after_steps=5",
+    ]
     train(load_config(TINY, tiny_overrides(run_dir, *overrides)))
     assert main(["export", str(run_dir), "--format", "gguf-q4_0", "--out", str(tmp_path / "m.gguf")]) == 0
     assert "(PTQ)" in capsys.readouterr().out
