@@ -5,8 +5,10 @@ own w4a8 fake-quant copy (QAD), State of the Union text, the same data, steps an
     CE + forward KL + hidden-state cosine (configs/kd_smollm2_15layer.yaml's terms);
 (b) QAD: the qad_w4a8.yaml recipe; its ``recovered`` is compared with the QAT-only run of
     benchmarks/qat_quality.py (same scheme, steps, lr, seed), read from that run's results file.
+    Two teachers: the pretrained model itself, and (``--ft-teacher``) the float model fine-tuned
+    on the same text by qat_quality.py — the fair teacher when the metric is in-domain perplexity.
 
-    python benchmarks/kd_quality.py --student-steps 30 --qad-steps 60
+    python benchmarks/kd_quality.py --student-steps 30 --qad-steps 60 --ft-teacher runs/qat_quality/float_ft
 """
 
 from __future__ import annotations
@@ -28,6 +30,22 @@ STUDENT_LOSSES = {
 }
 
 
+def hf_dir_of_run(run_dir: Path, target: Path) -> Path:
+    """Save a float run's newest checkpoint as a Hugging Face directory (to serve as a teacher)."""
+    from lowbit.trainer import checkpoint as ckpt
+    from lowbit.trainer.config import load_config
+    from lowbit.trainer.model import build_tokenizer, load_model, resolve_model_dir
+
+    cfg = load_config(run_dir / "config.yaml")
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = build_tokenizer(cfg.model, model_dir)
+    model = load_model(cfg.model, model_dir, seed=0, vocab_needed=len(tokenizer))
+    ckpt.load_weights(ckpt.latest_valid_checkpoint(run_dir), model)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -38,6 +56,10 @@ def main() -> None:
     parser.add_argument("--qat-results", default=str(ROOT / "benchmarks" / "results" / "qat_quality.json"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kd_quality.json"))
     parser.add_argument("--only-qad", action="store_true", help="keep the student rows already in --out")
+    parser.add_argument(
+        "--ft-teacher", help="a float fine-tuning run dir (qat_quality.py's float_ft) as a 2nd teacher"
+    )
+    parser.add_argument("--skip-pretrained-teacher", action="store_true", help="keep that QAD row from --out")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     runs_dir = Path(args.runs_dir)
@@ -46,6 +68,8 @@ def main() -> None:
     if args.only_qad:
         previous = json.loads(Path(args.out).read_text())
         results.update(student_steps=previous["student_steps"], students=previous["students"])
+        if args.skip_pretrained_teacher:
+            results["qad"] = previous["qad"]
     with open(runs_dir / "runs.log", "w") as log:
         common = [f"train.max_steps={args.student_steps}", "eval.every_steps=0", "eval.at_start=true"]
         for name, loss in STUDENT_LOSSES.items() if not args.only_qad else ():
@@ -57,17 +81,23 @@ def main() -> None:
                 "minutes": r["minutes"],
             }
             Path(args.out).write_text(json.dumps(results, indent=2))
-        qad = run_recipe(
-            "qad_w4a8.yaml",
-            runs_dir / "qad_w4a8",
-            [f"train.max_steps={args.qad_steps}", "eval.every_steps=0"],
-            log,
-        )
-        base, final = qad["baselines"], qad["final"]["val_ppl"]
-        results["qad"] = {"float": base["val_ppl_float"], "ptq": base["val_ppl_ptq"], "qad": final,
-                          "recovered": (base["val_ppl_ptq"] - final) / (base["val_ppl_ptq"] - base["val_ppl_float"]),
-                          "minutes": qad["minutes"]}  # fmt: skip
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        teachers = {} if args.skip_pretrained_teacher else {"qad": []}
+        if args.ft_teacher:
+            teachers["qad_ft_teacher"] = [
+                f"teacher.path={hf_dir_of_run(Path(args.ft_teacher), runs_dir / 'ft_teacher')}"
+            ]
+        for key, teacher in teachers.items():
+            qad = run_recipe(
+                "qad_w4a8.yaml",
+                runs_dir / key,
+                [f"train.max_steps={args.qad_steps}", "eval.every_steps=0", "export=null", *teacher],
+                log,
+            )
+            base, final = qad["baselines"], qad["final"]["val_ppl"]
+            results[key] = {"float": base["val_ppl_float"], "ptq": base["val_ppl_ptq"], "qad": final,
+                            "recovered": (base["val_ppl_ptq"] - final) / (base["val_ppl_ptq"] - base["val_ppl_float"]),
+                            "minutes": qad["minutes"]}  # fmt: skip
+            Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\n(a) 15-layer student from SmolLM2-135M, {results['student_steps']} steps x 1024 tokens")
     print(f"{'loss':<24} | {'ppl at init':>11} | {'ppl after':>9}")
     for name, r in results["students"].items():
@@ -78,7 +108,10 @@ def main() -> None:
     if qat is not None:
         w4a8 = next(v for k, v in qat["schemes"].items() if k.startswith("w4a8"))
         print(f"QAT (CE)   ppl {w4a8['qat']:.2f}  recovered {100 * w4a8['recovered']:.1f}%")
-    print(f"QAD (CE+KD) ppl {q['qad']:.2f}  recovered {100 * q['recovered']:.1f}%")
+    print(f"QAD (CE+KD, pretrained teacher) ppl {q['qad']:.2f}  recovered {100 * q['recovered']:.1f}%")
+    if "qad_ft_teacher" in results:
+        q = results["qad_ft_teacher"]
+        print(f"QAD (CE+KD, fine-tuned teacher) ppl {q['qad']:.2f}  recovered {100 * q['recovered']:.1f}%")
 
 
 if __name__ == "__main__":

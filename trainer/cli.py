@@ -18,6 +18,8 @@ EPILOG = """examples:
   lowbit train --nproc-per-node 2 configs/tiny.yaml
   lowbit config configs/quickstart.yaml train.lr=1e-4
   lowbit eval runs/tiny
+  lowbit export runs/qat_gguf_q4_0 --format gguf-q4_0 --out smollm2-q4_0.gguf
+  lowbit export ~/models/my-llama --format compressed-tensors --out my-llama-w4a16 --ptq
 """
 
 

@@ -34,7 +34,9 @@ def resolve_target(target: Path) -> tuple[Path, Path | None]:
         raise UserError(f"{target} is a directory without config.yaml: not a run or checkpoint directory")
     checkpoint = ckpt.latest_valid_checkpoint(target)
     if checkpoint is None:
-        raise UserError(f"run directory {target} has no complete checkpoint yet (train it first, or give the recipe)")
+        raise UserError(
+            f"run directory {target} has no complete checkpoint yet (train it first, or give the recipe)"
+        )
     return target / "config.yaml", checkpoint
 
 
