@@ -244,7 +244,10 @@ def _tensor_kinds(inputs, fmt: str) -> dict[str, int]:
     for weight in inputs.quantized.values():
         counts[fmt.removeprefix("gguf-").upper() if fmt.startswith("gguf-") else weight.spec.describe()] += 1
     for tensor in inputs.state.values():
-        counts["f32 (norms)" if tensor.dim() == 1 and fmt.startswith("gguf-") else inputs.dtype_name] += 1
+        if fmt.startswith("gguf-"):  # GGUF keeps 1-D norms in f32 and stores the rest as --float-type
+            counts["f32 (norms)" if tensor.dim() == 1 else inputs.extra["float_type"]] += 1
+        else:
+            counts[inputs.dtype_name] += 1
     return dict(counts)
 
 

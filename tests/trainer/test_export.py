@@ -28,7 +28,7 @@ def test_qat_run_exports_to_gguf_exactly_and_evaluates_the_same(qat_run, tmp_pat
         main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(out), "--float-type", "f32"]) == 0
     )
     report = capsys.readouterr().out
-    assert "14 × Q4_0" in report and "quantized weights vs trained: exact" in report
+    assert "14 × Q4_0, 1 × f32, 5 × f32 (norms)" in report and "quantized weights vs trained: exact" in report
     assert "float tensors max |Δ| 0 " in report  # f32 storage keeps the float tensors as trained
     assert out.is_file() and not list(tmp_path.glob(".*partial*"))
     # perplexity of the GGUF (dequantized by transformers' GGUF loader) == the trained fake-quant model
