@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lowbit.quant import QuantSpec, quantize_model
+from lowbit.quant import QuantSpec, quantize_model, triton_fake_quant
 from lowbit.quant.fused import compile_fake_quantize, fused_fake_quantize
 from lowbit.quant.grids import fake_quantize_blocks, to_blocks
 
@@ -52,14 +52,17 @@ def kernel_table(device: torch.device, dtype: torch.dtype, rows: int, cols: int,
     spec = QuantSpec("int4", "group", 32)
     weight = torch.randn(rows, cols, device=device, dtype=dtype)
     out = torch.empty_like(weight)
-    tuned = compile_fake_quantize(spec, coordinate_descent_tuning=True)
+    compiled = compile_fake_quantize(spec)
     moved = 2 * weight.numel() * weight.element_size()  # read the weight, write its fake quant
     candidates: dict[str, Callable[[], object]] = {
         "device copy (baseline)": lambda: out.copy_(weight),
         "lowbit eager": lambda: fake_quantize_blocks(to_blocks(weight, spec), spec)[0].to(dtype),
-        "lowbit fused (compiled)": lambda: fused_fake_quantize(weight, spec),
-        "lowbit fused, tuned": lambda: tuned(weight),
+        "lowbit fused (compiled)": lambda: compiled(weight),
     }
+    if triton_fake_quant.supports(weight, spec):
+        candidates["lowbit Triton kernel (auto on CUDA)"] = lambda: fused_fake_quantize(weight, spec)
+        same = torch.equal(fused_fake_quantize(weight, spec), compiled(weight))
+        print(f"Triton kernel bit-identical to the compiled grid on this weight: {same}")
     try:
         from torchao.quantization.qat import IntxFakeQuantizeConfig
         from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer

@@ -6,8 +6,13 @@ CUDA, C++/OpenMP on CPU) that read the weight once. The compiled function is the
 ``fake_quantize_blocks`` of ``grids``, so the results are those of the eager path (tests check
 bit equality).
 
-Backend choice, read at call time from ``LOWBIT_FAKE_QUANT_BACKEND``: ``auto`` (compiled on
-CUDA, eager elsewhere; the default), ``compile`` (compiled everywhere), ``eager``.
+On CUDA the commonest weight grid (symmetric int, groups of 8–256) goes instead to a hand-written
+Triton kernel (``lowbit.quant.triton_fake_quant``), which reaches more of the copy bandwidth than
+Inductor's schedule; it too is bit-identical to the eager path (CUDA tests).
+
+Backend choice, read at call time from ``LOWBIT_FAKE_QUANT_BACKEND``: ``auto`` (on CUDA the Triton
+kernel where it applies, else compiled; eager elsewhere; the default), ``compile`` (compiled
+everywhere, never the Triton kernel), ``eager``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import torch
 from torch import Tensor
 
+from lowbit.quant import triton_fake_quant
 from lowbit.quant.grids import fake_quantize_blocks, to_blocks
 from lowbit.quant.spec import INT_BITS, QuantSpec
 
@@ -71,5 +77,7 @@ def compile_fake_quantize(spec: QuantSpec, **inductor_options):
 
 
 def fused_fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
-    """``x`` fake-quantized by the compiled kernel for ``spec`` (same shape and dtype)."""
+    """``x`` fake-quantized by one fused kernel for ``spec`` (same shape and dtype)."""
+    if backend() == "auto" and triton_fake_quant.supports(x, spec):
+        return triton_fake_quant.fake_quantize_triton(x, spec)
     return _compiled(spec)(x)

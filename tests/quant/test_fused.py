@@ -72,3 +72,26 @@ def test_cuda_auto_path_matches_cpu_eager(spec):
     on_gpu = fake_quantize(w.cuda(), spec).cpu()
     on_cpu = fake_quantize_blocks(to_blocks(w, spec), spec)[0].reshape(w.shape)
     assert torch.allclose(on_gpu, on_cpu, rtol=0, atol=1e-6 * float(w.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec("int4", "group", 32), QuantSpec("int8", "group", 64), QuantSpec("int3", "group", 128),
+     QuantSpec("int4", "group", 32, scale_dtype="fp16"), QuantSpec("int2", "group", 16, scale_dtype="bf16")],
+    ids=lambda s: f"{s.describe()}-{s.scale_dtype}",
+)  # fmt: skip
+def test_triton_kernel_is_bit_identical_to_cpu_eager(spec, dtype):
+    from lowbit.quant import triton_fake_quant
+
+    generator = torch.Generator().manual_seed(3)
+    w = (torch.randn(301, 256, generator=generator) * 3).to(dtype)  # 301 rows: a partial last tile
+    w[0], w[1], w[2, 3] = 0.0, 0.3, 6e4  # zeros, a constant row, an outlier
+    w[4] = 1e-30 if dtype != torch.float16 else 0.0  # a block whose scale underflows to the floor
+    w[5, :16] = torch.tensor([0.5, -0.5, 1.5, 2.5] * 4)  # exact halves: ties round to even
+    assert triton_fake_quant.supports(w.cuda(), spec)
+    on_gpu = triton_fake_quant.fake_quantize_triton(w.cuda(), spec).cpu()
+    eager = fake_quantize_blocks(to_blocks(w, spec), spec)[0].reshape(w.shape).to(dtype)
+    assert torch.equal(on_gpu, eager)
