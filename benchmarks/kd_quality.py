@@ -32,15 +32,9 @@ STUDENT_LOSSES = {
 
 def hf_dir_of_run(run_dir: Path, target: Path) -> Path:
     """Save a float run's newest checkpoint as a Hugging Face directory (to serve as a teacher)."""
-    from lowbit.trainer import checkpoint as ckpt
-    from lowbit.trainer.config import load_config
-    from lowbit.trainer.model import build_tokenizer, load_model, resolve_model_dir
+    from lowbit.trainer.export import load_source
 
-    cfg = load_config(run_dir / "config.yaml")
-    model_dir = resolve_model_dir(cfg.model)
-    tokenizer = build_tokenizer(cfg.model, model_dir)
-    model = load_model(cfg.model, model_dir, seed=0, vocab_needed=len(tokenizer))
-    ckpt.load_weights(ckpt.latest_valid_checkpoint(run_dir), model)
+    model, tokenizer, _, _ = load_source(run_dir, [])
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target

@@ -21,7 +21,6 @@ from lowbit.quant.spec import INT_BITS, QuantSpec
 GROUPS_PER_PROGRAM = 64
 
 
-
 try:  # CUDA images ship Triton with torch; CPU-only installs do not
     import triton
     import triton.language as tl

@@ -79,9 +79,12 @@ class ExportSummary:
 
     def table(self) -> str:
         kinds = ", ".join(f"{count} × {kind}" for kind, count in sorted(self.tensors.items()))
-        exact = "exact" if self.max_delta_quantized == 0 else f"max |Δ| {self.max_delta_quantized:.3g}"
         if not self.quantized_tensors:
             exact = "none stored quantized"
+        elif self.max_delta_quantized == 0:
+            exact = "exact"
+        else:
+            exact = f"max |Δ| {self.max_delta_quantized:.3g}"
         return "\n".join(
             [
                 f"exported {self.format} → {self.path}{' (PTQ)' if self.ptq else ''}",
