@@ -10,6 +10,7 @@ Usable alone::
 from lowbit.quant.apply import (
     QuantRule,
     freeze_scales,
+    initialize_scales,
     quantize_model,
     quantizers,
     set_quantizers_enabled,
@@ -37,6 +38,7 @@ __all__ = [
     "convert_weight",
     "fake_quantize",
     "freeze_scales",
+    "initialize_scales",
     "learned_fake_quantize",
     "quantize_model",
     "quantizers",

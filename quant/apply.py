@@ -188,3 +188,16 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
 def freeze_scales(model: nn.Module) -> None:
     for quantizer in quantizers(model):
         quantizer.freeze_scales()
+
+
+def initialize_scales(model: nn.Module) -> None:
+    """Set every learned (LSQ) scale and offset from the weight it quantizes, as at construction.
+
+    For models built on the meta device: their quantizers get scales of the right shape but no
+    values, so call this once the real weights are loaded (before sharding: the scales come from
+    whole tensors).
+    """
+    for module in model.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if isinstance(quantizer, FakeQuantizer) and quantizer.scale is not None:
+            quantizer.initialize_from(module.weight)

@@ -20,7 +20,6 @@ from lowbit.quant.grids import (
     code_range,
     fake_quantize_blocks,
     int_range,
-    qparams,
     store_scale,
     to_blocks,
 )
@@ -51,37 +50,6 @@ class _FakeQuantSTE(torch.autograd.Function):
 def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
     """Round-trip ``x`` through ``spec``'s grid with min-max (absmax) scales; differentiable (STE)."""
     return _FakeQuantSTE.apply(x, spec)
-
-
-class _PassThrough(torch.autograd.Function):
-    """Return a precomputed fake-quant weight while routing its gradient to the float weight."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, quantized: Tensor, inside: Tensor | None) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inside) if inside is not None else ctx.save_for_backward()
-        ctx.masked = inside is not None
-        return quantized
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        if ctx.masked:
-            (inside,) = ctx.saved_tensors
-            grad = grad * inside
-        return grad, None, None
-
-
-def fake_quantize_cached(weight: Tensor, quantized: Tensor, inside: Tensor | None) -> Tensor:
-    """Use ``quantized`` (computed earlier from the same weight values) with STE gradients."""
-    return _PassThrough.apply(weight, quantized, inside)
-
-
-def inside_mask(x: Tensor, spec: QuantSpec) -> Tensor | None:
-    """Where ``x`` lies inside the grid's range (None for the plain STE, which needs no mask)."""
-    if spec.ste != "clipped":
-        return None
-    blocks = to_blocks(x, spec)
-    low, high = code_range(qparams(blocks, spec), spec)
-    return ((blocks >= low) & (blocks <= high)).reshape(x.shape)
 
 
 # Smallest learned scale: 2^-24 is exact in fp32, bf16 and fp16 (its smallest subnormal), so
@@ -150,7 +118,7 @@ def initial_scale(x: Tensor, spec: QuantSpec, candidates: int = 40) -> tuple[Ten
         low, high = -blocks.abs().amax(1, keepdim=True), blocks.abs().amax(1, keepdim=True)
     else:
         low, high = blocks.amin(1, keepdim=True).clamp_max(0), blocks.amax(1, keepdim=True).clamp_min(0)
-    ratios = [1.0] if spec.scale_init == "minmax" else torch.linspace(1.0, 0.3, candidates).tolist()
+    ratios = [1.0] if spec.scale_init == "minmax" else torch.linspace(1.0, 0.3, candidates, device="cpu").tolist()
     best_scale = best_offset = best_error = None
     for ratio in ratios:
         scale = ((high - low) * ratio / (qmax - qmin)).clamp_min(1e-8)

@@ -14,9 +14,7 @@ from torch import Tensor, nn
 
 from lowbit.quant.fake_quant import (
     fake_quantize,
-    fake_quantize_cached,
     initial_scale,
-    inside_mask,
     learned_codes,
     learned_fake_quantize,
 )
@@ -28,7 +26,9 @@ class FakeQuantizer(nn.Module):
     """Fake-quantizes one tensor by ``spec``; ``enabled=False`` makes it the identity.
 
     With ``spec.learn_scale`` it owns the learned ``scale`` (and LSQ+ ``offset``) parameters,
-    initialised from the tensor given at construction (a weight).
+    initialised from the tensor given at construction (a weight). Given a weight on the meta
+    device (a model built without memory, to be sharded or loaded later) they are created on the
+    meta device too, with their shapes; ``initialize_scales`` fills them once the weights exist.
     """
 
     def __init__(self, spec: QuantSpec, init_from: Tensor | None = None) -> None:
@@ -45,6 +45,16 @@ class FakeQuantizer(nn.Module):
             scale, offset = initial_scale(init_from, spec)
             self.scale = nn.Parameter(scale)
             self.offset = nn.Parameter(offset) if offset is not None else None
+
+    @torch.no_grad()
+    def initialize_from(self, x: Tensor) -> None:
+        """(Re)set a learned scale and offset from ``x`` as construction would (min-max or MSE)."""
+        if self.scale is None:
+            return
+        scale, offset = initial_scale(x, self.spec)
+        self.scale.copy_(scale)
+        if self.offset is not None and offset is not None:
+            self.offset.copy_(offset)
 
     def freeze_scales(self) -> None:
         """Stop learning the scale/offset (they keep their current values)."""
@@ -73,9 +83,13 @@ class FakeQuantizer(nn.Module):
 class FakeQuantLinear(nn.Linear):
     """``nn.Linear`` whose weight (and optionally input) pass through fake quantizers.
 
-    The weight's fake quant is cached while the weight is unchanged (same tensor version), so
-    it runs once per optimizer step, not once per micro-batch; gradients still flow to the float
-    weight through the STE.
+    The weight is fake-quantized in every forward, from the weight the module holds at that
+    moment, and nothing derived from it is kept between calls. A cache keyed on the weight tensor
+    (its ``_version`` and ``data_ptr``) was tried and dropped: under FSDP2 the gathered weight is a
+    fresh tensor whose version stays 0 in a reused allocation, so the cache returned the previous
+    step's weights, and under sharding a cached full-size copy per layer would undo the memory
+    that sharding saves. Recomputing costs one elementwise pass over the weight per micro-batch,
+    small beside the matmul that reads the same weight for every token.
     """
 
     def __init__(
@@ -91,7 +105,6 @@ class FakeQuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_quantizer = FakeQuantizer(weight_spec, self.weight) if weight_spec else None
         self.activation_quantizer = FakeQuantizer(activation_spec) if activation_spec else None
-        self._cache: tuple[tuple[int, int], Tensor, Tensor | None] | None = None
 
     @classmethod
     def from_linear(
@@ -138,20 +151,7 @@ class FakeQuantLinear(nn.Linear):
         quantizer = self.weight_quantizer
         if quantizer is None or not quantizer.enabled:
             return self.weight
-        if quantizer.scale is not None or torch.compiler.is_compiling():
-            # Learned scales need their own gradient every time; under torch.compile the fake
-            # quant is traced into the model's graph and fused there instead of cached.
-            return quantizer(self.weight)
-        key = (self.weight._version, self.weight.data_ptr())
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                quantized = fake_quantize(self.weight, quantizer.spec)
-                mask = inside_mask(self.weight, quantizer.spec)
-            self._cache = (key, quantized, mask)
-        _, quantized, mask = self._cache
-        if not torch.is_grad_enabled() or not self.weight.requires_grad:
-            return quantized
-        return fake_quantize_cached(self.weight, quantized, mask)
+        return quantizer(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation_quantizer is not None:

@@ -18,16 +18,16 @@ from torch import nn
 
 from lowbit.losses import ModelShapes, Objective, build_objective
 from lowbit.losses.kd_terms import TopKTerm
-from lowbit.trainer.config import RunConfig
+from lowbit.trainer.config import RunConfig, TrainConfig
 from lowbit.trainer.data import Examples, StepBatches, load_splits
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.hooks import StepHook, build_hooks
+from lowbit.trainer.loss_step import LossStep
 from lowbit.trainer.model import build_model, build_tokenizer, resolve_model_dir
-from lowbit.trainer.optim import build_optimizer, build_scheduler
-from lowbit.trainer.quantization import QuantSchedule, apply_quantization
 from lowbit.trainer.strategies import Strategy
 from lowbit.trainer.teacher import Teacher, align_vocab, build_teacher, student_from_teacher
 from lowbit.trainer.teacher_cache import TeacherCache, fingerprint, load_cache, topk_settings
+from lowbit.trainer.transforms import apply_transforms
 
 
 def import_plugins(imports: list[str]) -> None:
@@ -77,8 +77,9 @@ def _resolve_on_rank0_first(source, strategy: Strategy):
 def build_model_and_data(
     cfg: RunConfig, strategy: Strategy, with_teacher: bool = True, use_cache: bool = True
 ) -> ModelAndData:
-    """Tokenizer, the unwrapped student (on CPU), the frozen teacher (on the device) or its offline
-    top-k cache, and the tokenized splits."""
+    """Tokenizer, the unwrapped student (on CPU; on the meta device where the engine has rank 0
+    read the weights for everyone), the frozen teacher (placed by the engine) or its offline top-k
+    cache, and the tokenized splits."""
     from_teacher = cfg.model.init_from_teacher is not None
     cached = use_cache and cfg.teacher is not None and cfg.teacher.cache is not None
     run_teacher = with_teacher and cfg.teacher is not None and not cached
@@ -95,10 +96,13 @@ def build_model_and_data(
         assert teacher is not None and cfg.model.init_from_teacher is not None
         model = student_from_teacher(teacher.model, list(cfg.model.init_from_teacher), cfg.model)
     else:
-        model = build_model(cfg.model, model_dir, cfg.train.seed, len(tokenizer))
+        meta = not strategy.loads_weights
+        model = build_model(cfg.model, model_dir, cfg.train.seed, len(tokenizer), meta=meta)
     if teacher is not None:
         align_vocab(teacher, model)
-        if not run_teacher:
+        if run_teacher:
+            strategy.place_frozen(teacher.model)
+        else:
             teacher = None
     train, val = load_splits(cfg.data, tokenizer, cfg.train.seed)
     cache = None
@@ -137,19 +141,23 @@ def check_teacher_inputs(objective: Objective, built: ModelAndData) -> None:
 
 @dataclass
 class Components:
-    """The built pieces of a training run."""
+    """The built pieces of a training run (optimizer and schedule belong to the strategy)."""
 
     strategy: Strategy
     tokenizer: object
     model: nn.Module  # wrapped by the strategy
     objective: Objective
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_step: LossStep
     train_batches: StepBatches
     val: Examples | None
     hooks: list[StepHook]
     teacher: Teacher | None = None
     teacher_cache: TeacherCache | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        assert self.strategy.optimizer is not None
+        return self.strategy.optimizer
 
 
 def model_shapes(student: nn.Module, teacher: Teacher | None) -> ModelShapes:
@@ -161,26 +169,43 @@ def model_shapes(student: nn.Module, teacher: Teacher | None) -> ModelShapes:
     return shapes
 
 
+def resolve_batch(train: TrainConfig, world_size: int) -> None:
+    """Derive ``grad_accum_steps`` from ``global_batch_size`` for this world size, in place."""
+    if train.global_batch_size is None:
+        return
+    per_pass = train.micro_batch_size * world_size
+    if train.global_batch_size % per_pass:
+        raise UserError(
+            f"train.global_batch_size {train.global_batch_size} is not a multiple of micro_batch_size "
+            f"{train.micro_batch_size} × {world_size} ranks = {per_pass}: set a global batch that is, or a "
+            f"micro_batch_size that divides {train.global_batch_size // world_size if train.global_batch_size >= world_size else 1}"
+        )
+    train.grad_accum_steps = train.global_batch_size // per_pass
+
+
 def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
+    """Everything a run needs, in order: the model and its transforms, the objective, the engine."""
     import_plugins(cfg.imports)
     seed_everything(cfg.train.seed)
+    resolve_batch(cfg.train, strategy.world_size)
     try:
         objective = build_objective(cfg.loss)
         hooks = build_hooks(cfg.hooks)
     except (ValueError, TypeError) as error:  # bad term/hook names or fields from the config
         raise UserError(f"loss/hooks: {error}") from None
     built = build_model_and_data(cfg, strategy)
-    if cfg.quant is not None:  # before wrapping and before the optimizer sees the parameters
-        apply_quantization(built.model, cfg.quant, announce=strategy.is_main)
-        hooks.insert(0, QuantSchedule(cfg.quant))
+    # Transforms act on the unwrapped model, before the engine shards it or builds the optimizer.
+    hooks = apply_transforms(built.model, cfg, announce=strategy.is_main) + hooks
     check_teacher_inputs(objective, built)
     try:
         objective.configure(model_shapes(built.model, built.teacher))
     except ValueError as error:
         raise UserError(f"loss: {error}") from None
-    model = strategy.wrap(built.model)
-    objective.to(strategy.device)
-    optimizer = build_optimizer(model, cfg.train, objective)
+    model = strategy.prepare(built.model, objective)
+    loss_step = LossStep(
+        objective, built.teacher, built.teacher_cache, strategy.unwrap, strategy.device,
+        cfg.train.precision, cfg.train.fused_head_chunk, strategy.gathers_in_module_forward,
+    )  # fmt: skip
     batches = StepBatches(
         built.train,
         cfg.train.micro_batch_size,
@@ -192,15 +217,6 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
     # Different ranks draw different dropout masks; model init above used the shared seed.
     seed_everything(cfg.train.seed + strategy.rank)
     return Components(
-        strategy,
-        built.tokenizer,
-        model,
-        objective,
-        optimizer,
-        build_scheduler(optimizer, cfg.train),
-        batches,
-        built.val,
-        hooks,
-        built.teacher,
-        built.teacher_cache,
-    )
+        strategy, built.tokenizer, model, objective, loss_step, batches, built.val, hooks,
+        built.teacher, built.teacher_cache,
+    )  # fmt: skip

@@ -1,10 +1,19 @@
-"""Atomic, verifiable checkpoints: write to a temp dir, hash every file, rename into place.
+"""Atomic, verifiable checkpoints for every engine: a staging dir, a manifest, a rename.
 
 Layout of ``RUN_DIR/checkpoints/checkpoint-000120/``:
-``model.safetensors`` (weights), ``optimizer.pt``, ``trainer_state.json`` (step, data position,
-scheduler), ``rng-rank{R}.pt`` (one per rank), ``config.yaml`` (resolved), and ``manifest.json``
-written last with every file's size and sha256. A directory without a manifest, or whose files
-don't match it, is incomplete or corrupt: it is reported and skipped, never loaded.
+
+- the engine's own files (one writer per engine, written collectively by ``Strategy.save_checkpoint``):
+  ``model.safetensors`` + ``optimizer.pt`` (+ ``objective.safetensors``) from rank 0 for single/ddp;
+  ``dcp/`` (``torch.distributed.checkpoint``, every rank its shards) for fsdp2; ``deepspeed/``
+  (the engine's ``save_checkpoint``) for DeepSpeed;
+- ``trainer_state.json`` (step, data position, scheduler, engine and layout, world size),
+  ``rng-rank{R}.pt`` (one per rank), ``config.yaml`` (resolved);
+- ``manifest.json``, written last by rank 0 with every file's size and sha256.
+
+Everything is written under ``.checkpoint-000120.tmp`` and renamed into place once complete, so
+a crash leaves no half checkpoint. A directory without a manifest, or whose files don't match it,
+is incomplete or corrupt: reported and skipped, never loaded. Verification (hashing every file)
+happens once per start, on rank 0, which tells the other ranks what it chose.
 """
 
 from __future__ import annotations
@@ -15,19 +24,22 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 
 from lowbit.trainer.errors import UserError
 
+if TYPE_CHECKING:
+    from lowbit.trainer.strategies import Strategy
+
 PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
+STATE_FILE = "trainer_state.json"
 logger = logging.getLogger("lowbit")
 
 
@@ -39,7 +51,11 @@ class TrainerState:
     data_position: int
     global_batch_size: int
     world_size: int
-    scheduler: dict[str, Any]
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    engine: str = "single"
+    """The engine that wrote the checkpoint (``deepspeed-zero3``...)."""
+    layout: str = "safetensors"
+    """How its weights are stored: safetensors | dcp | deepspeed."""
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -60,6 +76,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _files(root: Path) -> list[Path]:
+    """Every file under ``root`` (engines write sub-directories), sorted."""
+    return sorted(path for path in root.rglob("*") if path.is_file())
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,35 +108,24 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return checkpoints_root(run_dir) / f".{PREFIX}{step:06d}.tmp"
 
 
-def write_shared_files(
-    staging: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: TrainerState,
-    config_yaml: str,
-    objective: nn.Module | None = None,
-) -> None:
-    """Rank 0's part: weights (and any learned loss parameters), optimizer, trainer state, config."""
-    save_model(model, str(staging / "model.safetensors"))
-    if objective is not None and any(True for _ in objective.parameters()):
-        save_model(objective, str(staging / "objective.safetensors"))
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    (staging / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2))
-    (staging / "config.yaml").write_text(config_yaml)
-
-
 def write_rank_files(staging: Path, rank: int) -> None:
     """Every rank's part: its RNG state."""
     torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
 
 
+def write_run_files(staging: Path, state: TrainerState, config_yaml: str) -> None:
+    """Rank 0's part besides the engine's: trainer state and the resolved config."""
+    (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    (staging / "config.yaml").write_text(config_yaml)
+
+
 def finalize(staging: Path, keep_last: int) -> Path:
     """Write the manifest (making the checkpoint complete), rename into place, prune old ones."""
     files = {}
-    for path in sorted(staging.iterdir()):
+    for path in _files(staging):
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[str(path.relative_to(staging))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = staging / MANIFEST
     with manifest.open("w") as handle:
         json.dump({"files": files}, handle, indent=2)
@@ -129,6 +139,29 @@ def finalize(staging: Path, keep_last: int) -> Path:
     _fsync_dir(final.parent)
     for old in complete_checkpoints(final.parent.parent)[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save(strategy: Strategy, run_dir: Path, state: TrainerState, config_yaml: str, keep_last: int) -> Path | None:
+    """Collective: write a checkpoint of the current step; returns its path on rank 0.
+
+    The staging directory must be visible to every rank (one shared filesystem, as DCP and
+    DeepSpeed assume on several nodes).
+    """
+    staging = staging_dir(run_dir, state.step)
+    if strategy.is_main:
+        shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier attempt at this step
+        staging.mkdir(parents=True)
+    strategy.barrier()
+    strategy.save_checkpoint(staging)
+    write_rank_files(staging, strategy.rank)
+    strategy.barrier()
+    final = None
+    if strategy.is_main:
+        write_run_files(staging, state, config_yaml)
+        final = finalize(staging, keep_last)
+        logger.info("saved %s", final)
+    strategy.barrier()
     return final
 
 
@@ -154,9 +187,14 @@ def verify(checkpoint: Path) -> str | None:
     return None
 
 
+def read_state(checkpoint: Path) -> TrainerState:
+    """The trainer state of a checkpoint (older checkpoints lack engine/layout: single, safetensors)."""
+    return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+
+
 def checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a checkpoint was saved at (from its ``trainer_state.json``)."""
-    return int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+    """The optimizer step a checkpoint was saved at."""
+    return read_state(checkpoint).step
 
 
 def _step_of(path: Path) -> int:
@@ -190,35 +228,72 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_weights(checkpoint: Path, model: nn.Module) -> None:
-    """Load weights into ``model`` after verifying the checkpoint."""
-    problem = verify(checkpoint)
+def choose_resume(mode: str, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, per ``checkpoint.resume`` (auto | never | a path), verified."""
+    if mode == "never":
+        if checkpoint_dirs(run_dir):
+            raise UserError(
+                f"run.output_dir {run_dir} already holds checkpoints of an earlier run; set "
+                "checkpoint.resume=auto to continue it, or choose another run.output_dir"
+            )
+        return None
+    if mode == "auto":
+        return latest_valid_checkpoint(run_dir)
+    path = Path(mode)
+    problem = verify(path) if path.is_dir() else "no such directory"
     if problem is not None:
-        raise UserError(f"checkpoint {checkpoint} cannot be loaded: {problem}")
-    missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint {checkpoint} does not fit this model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}; was it saved from a different model config?"
-        )
+        raise UserError(f"checkpoint.resume {path}: cannot resume from it: {problem}")
+    return path
 
 
-def load_checkpoint(
-    checkpoint: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    rank: int,
-    objective: nn.Module | None = None,
-) -> TrainerState:
-    """Restore weights (and learned loss parameters), optimizer and this rank's RNG."""
-    load_weights(checkpoint, model)
-    if objective is not None and (checkpoint / "objective.safetensors").is_file():
-        load_model(objective, str(checkpoint / "objective.safetensors"))
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-    state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
-    rng_file = checkpoint / f"rng-rank{rank}.pt"
+def restore(strategy: Strategy, checkpoint: Path) -> TrainerState:
+    """Collective: load an already verified checkpoint into the prepared strategy and this rank's RNG."""
+    state = read_state(checkpoint)
+    strategy.check_resumable(checkpoint, asdict(state))
+    strategy.load_checkpoint(checkpoint)
+    assert strategy.scheduler is not None
+    strategy.scheduler.load_state_dict(state.scheduler)
+    rng_file = checkpoint / f"rng-rank{strategy.rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:
-        logger.warning("%s has no RNG state for rank %d (world size changed?)", checkpoint, rank)
+        logger.warning("%s has no RNG state for rank %d (world size changed?)", checkpoint, strategy.rank)
     return state
+
+
+def load_weights(checkpoint: Path, model: nn.Module) -> None:
+    """Verify ``checkpoint`` and load the student's weights into a plain ``model``, in one process,
+    whichever engine wrote it (a sharded checkpoint is reassembled: what eval and export read)."""
+    problem = verify(checkpoint)
+    if problem is not None:
+        raise UserError(f"checkpoint {checkpoint} cannot be loaded: {problem}")
+    layout = read_state(checkpoint).layout
+    if layout == "safetensors":
+        from lowbit.trainer.strategies.base import load_safetensors_weights
+
+        load_safetensors_weights(checkpoint, model)
+    elif layout == "dcp":
+        from lowbit.trainer.strategies.fsdp2 import read_dcp_weights
+
+        read_dcp_weights(checkpoint, model)
+    elif layout == "deepspeed":
+        from lowbit.trainer.strategies.deepspeed import read_deepspeed_weights
+
+        weights = read_deepspeed_weights(checkpoint)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {name for name in missing if _is_tied(model, name)}
+        if set(missing) - tied or unexpected:
+            raise UserError(
+                f"checkpoint {checkpoint} does not fit this model: missing {sorted(set(missing) - tied)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}; was it saved from a different model config?"
+            )
+    else:
+        raise UserError(f"checkpoint {checkpoint}: unknown layout {layout!r} (written by a newer lowbit?)")
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` shares its tensor with another (a head tied to the embeddings),
+    which DeepSpeed's consolidated state dict lists once."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(name)
+    return target is not None and sum(param is target for param in params.values()) > 1

@@ -91,6 +91,10 @@ class TrainConfig:
     """Sequences per rank per forward pass."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step; global batch = micro_batch_size × grad_accum_steps × ranks."""
+    global_batch_size: Optional[int] = None
+    """Sequences per optimizer step. When set, grad_accum_steps is derived from it for the world size
+    the run is launched with (it must divide evenly), so a run resumed on another number of ranks
+    keeps its batch and data order."""
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``lr`` (cosine and linear schedules)."""
@@ -166,14 +170,61 @@ class LogConfig:
 
 
 @dataclass
+class FSDP2Config:
+    """Options of ``strategy.name: fsdp2`` (PyTorch ``fully_shard``: one unit per decoder layer + the root)."""
+
+    reshard_after_forward: Any = True
+    """true: free each layer's gathered weights after its forward and gather again in backward
+    (ZeRO-3-like, least memory); false: keep them until backward (ZeRO-2-like, less communication);
+    an integer N: reshard to groups of N ranks (e.g. the GPUs of one node)."""
+    param_dtype: Optional[str] = None
+    """Dtype the gathered weights compute in (bf16: FSDP2 mixed precision); default: the model's dtype."""
+    reduce_dtype: Optional[str] = None
+    """Dtype gradients are reduce-scattered in; default: fp32 when param_dtype is set, else the param dtype."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state in CPU memory (the step runs on CPU)."""
+    replicate: int = 1
+    """HSDP: split the ranks into this many replicas, each sharding the model over world/replicate ranks
+    (shard within a node, replicate across nodes); 1 shards over all ranks."""
+    load: str = "rank0"
+    """rank0: rank 0 reads the weights and the others build the model on the meta device and receive
+    their shards, so a large model is not materialised on every rank; full: every rank loads it."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Options of ``strategy.name: deepspeed``; the DeepSpeed JSON is generated from these and ``train``."""
+
+    stage: int = 2
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: str = "none"
+    """none | cpu: optimizer state and step in CPU memory (ZeRO-Offload)."""
+    offload_param: str = "none"
+    """none | cpu: parameters in CPU memory between uses (stage 3 only)."""
+    config: Optional[str] = None
+    """A DeepSpeed JSON merged over the generated one (tuning keys: buckets, overlap, ...); a value that
+    contradicts lowbit's (batch sizes, precision, clipping, stage) is an error naming both."""
+
+
+@dataclass
 class StrategyConfig:
     name: str = "auto"
-    """auto (ddp under torchrun with >1 process, else single) | single | ddp."""
+    """auto | single | ddp | fsdp2 | deepspeed. auto: the engine an `accelerate launch` config names,
+    else ddp under a multi-process launch, else single."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
     device: str = "auto"
     """auto | cpu | cuda."""
     timeout_s: int = 1800
+    """How long a collective waits for the other ranks before the job fails (a dead rank never hangs
+    the others longer than this)."""
+    teacher: str = "replicated"
+    """replicated: every rank holds the whole frozen teacher | sharded: fsdp2 or ZeRO-3 shard it for
+    inference (each rank holds 1/N; its layers are gathered as they run)."""
+    fsdp2: Optional[FSDP2Config] = None
+    """fsdp2 options (only with strategy.name fsdp2)."""
+    deepspeed: Optional[DeepSpeedConfig] = None
+    """DeepSpeed options (only with strategy.name deepspeed)."""
 
 
 @dataclass
@@ -246,8 +297,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("fp32", "bf16"),
     "log.progress": ("auto", "bar", "lines", "none"),
     "log.wandb.mode": ("disabled", "offline", "online"),
+    "strategy.name": ("auto", "single", "ddp", "fsdp2", "deepspeed"),
     "strategy.backend": ("auto", "nccl", "gloo"),
     "strategy.device": ("auto", "cpu", "cuda"),
+    "strategy.teacher": ("replicated", "sharded"),
+    "strategy.fsdp2.param_dtype": (None, "fp32", "bf16", "fp16"),
+    "strategy.fsdp2.reduce_dtype": (None, "fp32", "bf16", "fp16"),
+    "strategy.fsdp2.load": ("rank0", "full"),
+    "strategy.deepspeed.stage": (1, 2, 3),
+    "strategy.deepspeed.offload_optimizer": ("none", "cpu"),
+    "strategy.deepspeed.offload_param": ("none", "cpu"),
 }
 
 
@@ -272,6 +331,36 @@ def _validate_export(cfg: RunConfig, fail) -> None:
             f"export.format {export.format} stores quantized weights but this run trains in float: add a `quant` "
             "section (QAT) or set export.ptq: true (round to nearest after training)"
         )
+
+
+def _validate_strategy(cfg: RunConfig, fail) -> None:
+    """Engine options that cannot work, found before anything is built."""
+    strategy = cfg.strategy
+    for engine in ("fsdp2", "deepspeed"):
+        if getattr(strategy, engine) is not None and strategy.name not in (engine, "auto"):
+            fail(
+                f"strategy.{engine} is set but strategy.name is {strategy.name}: its options apply only to "
+                f"strategy.name={engine}; drop the strategy.{engine} section or switch the engine"
+            )
+    if strategy.fsdp2 is not None:
+        reshard = strategy.fsdp2.reshard_after_forward
+        if not isinstance(reshard, bool) and not (isinstance(reshard, int) and reshard >= 1):
+            fail(f"strategy.fsdp2.reshard_after_forward: true, false or a number of ranks >= 1, got {reshard!r}")
+        if strategy.fsdp2.replicate < 1:
+            fail(f"strategy.fsdp2.replicate must be at least 1, got {strategy.fsdp2.replicate}")
+    if strategy.deepspeed is not None:
+        options = strategy.deepspeed
+        if options.offload_param != "none" and options.stage != 3:
+            fail(
+                f"strategy.deepspeed.offload_param={options.offload_param} needs ZeRO stage 3 (parameters are only "
+                f"partitioned there), got stage {options.stage}; set strategy.deepspeed.stage=3 or drop it"
+            )
+        if options.config is not None and not Path(options.config).is_file():
+            fail(f"strategy.deepspeed.config: {options.config} does not exist")
+    if strategy.timeout_s < 1:
+        fail(f"strategy.timeout_s must be at least 1 second, got {strategy.timeout_s}")
+    if cfg.train.global_batch_size is not None and cfg.train.global_batch_size < 1:
+        fail(f"train.global_batch_size must be at least 1, got {cfg.train.global_batch_size}")
 
 
 def _package_dir(name: str) -> str:
@@ -329,11 +418,15 @@ def _validate(cfg: RunConfig, source: str) -> None:
     for key, allowed in CHOICES.items():
         if key.startswith("teacher.") and cfg.teacher is None:
             continue
+        section = key.rsplit(".", 1)[0]
+        if section in ("strategy.fsdp2", "strategy.deepspeed") and _get(cfg, section) is None:
+            continue
         value = _get(cfg, key)
         if value not in allowed:
             fail(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
     if cfg.export is not None:
         _validate_export(cfg, fail)
+    _validate_strategy(cfg, fail)
     sources = [
         cfg.model.path is not None,
         cfg.model.config is not None,

@@ -16,8 +16,9 @@ from lowbit.trainer.config import load_config
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import setup_console_logging
-from lowbit.trainer.quantization import apply_quantization, quantizers_enabled, recovered
-from lowbit.trainer.strategies import build_strategy
+from lowbit.trainer.quantization import quantizers_enabled, recovered
+from lowbit.trainer.strategies import inference_strategy
+from lowbit.trainer.transforms import apply_transforms
 
 
 def resolve_target(target: Path) -> tuple[Path, Path | None]:
@@ -44,7 +45,7 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
     """Rows of ``{name, val_loss, val_ppl, val_tokens[, recovered]}`` (empty on non-main ranks)."""
     config_file, checkpoint = resolve_target(target)
     cfg = load_config(config_file, overrides)
-    strategy = build_strategy(cfg.strategy)
+    strategy = inference_strategy(cfg.strategy, cfg.train)
     setup_console_logging(strategy.is_main)
     rows: list[dict[str, Any]] = []
     try:
@@ -52,8 +53,7 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
         built = build_model_and_data(cfg, strategy, with_teacher=False)
         if built.val is None:
             raise UserError("no validation data: set data.val_files or a data.val_fraction above 0")
-        if cfg.quant is not None:
-            apply_quantization(built.model, cfg.quant, announce=False)
+        apply_transforms(built.model, cfg, announce=False)
         model = strategy.wrap(built.model)
         batch_size = cfg.eval.batch_size or cfg.train.micro_batch_size
 

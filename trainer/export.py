@@ -121,10 +121,10 @@ def load_source(source: Path, overrides: list[str]):
     from lowbit.trainer.config import ModelConfig, load_config
     from lowbit.trainer.evaluate_cli import resolve_target
     from lowbit.trainer.model import build_tokenizer, load_model, resolve_model_dir
-    from lowbit.trainer.quantization import apply_quantization
+    from lowbit.trainer.transforms import apply_transforms
 
     if source.suffix == ".gguf" or (source / "config.json").is_file():
-        model_cfg, checkpoint, quant = ModelConfig(path=str(source)), None, None
+        model_cfg, checkpoint, cfg = ModelConfig(path=str(source)), None, None
     else:
         if source.is_file() and source.suffix not in (".yaml", ".yml"):
             raise UserError(
@@ -132,7 +132,7 @@ def load_source(source: Path, overrides: list[str]):
             )
         config_file, checkpoint = resolve_target(source)
         cfg = load_config(config_file, overrides)
-        model_cfg, quant = cfg.model, cfg.quant
+        model_cfg = cfg.model
         if model_cfg.init_from_teacher is not None:
             raise UserError(
                 f"{source}: exporting a student built with init_from_teacher is not supported yet; save the "
@@ -142,10 +142,11 @@ def load_source(source: Path, overrides: list[str]):
     tokenizer = build_tokenizer(model_cfg, model_dir)
     model = load_model(model_cfg, model_dir, seed=0, vocab_needed=len(tokenizer))
     trained_quantized = False
-    if quant is not None:
-        apply_quantization(model, quant, announce=False)
+    if cfg is not None:
+        apply_transforms(model, cfg, announce=False)
+    if cfg is not None and cfg.quant is not None:
         trained_quantized = (
-            checkpoint is not None and ckpt.checkpoint_step(checkpoint) > quant.enable_after_steps
+            checkpoint is not None and ckpt.checkpoint_step(checkpoint) > cfg.quant.enable_after_steps
         )
     if checkpoint is not None:
         ckpt.load_weights(checkpoint, model)

@@ -1,30 +1,27 @@
 """The one training loop every method runs through.
 
-QAT, distillation, QLoRA and BitNet change what is *built* (modules, loss terms, hooks), never
-this loop. A step: fetch this rank's micro-batches, count the step's valid tokens across ranks,
-forward/backward each micro-batch (gradient sync only on the last), clip, step, log, evaluate,
-checkpoint.
+QAT, distillation, QLoRA and BitNet change what is *built* (transforms, loss terms, hooks), and
+the engine changes how a step is carried out (the ``Strategy``), never this loop: it names no
+engine and no method. A step: fetch this rank's micro-batches, count the step's valid tokens
+across ranks, run each micro-batch's loss and backward (the engine syncs on the last), let the
+engine finish the step (clip, optimizer, schedule), log, evaluate, checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from lowbit.losses import LossInputs, count_target_tokens
-from lowbit.losses.fused_head import HeadInputs
+from lowbit.losses import count_target_tokens
 from lowbit.trainer import checkpoint as ckpt
 from lowbit.trainer.build import Components, build_components
-from lowbit.trainer.capture import capture_qkv, head_as_identity
 from lowbit.trainer.config import RunConfig, config_dict, to_yaml
 from lowbit.trainer.errors import UserError
-from lowbit.trainer.evaluate import autocast, evaluate
+from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import MetricsLogger, setup_console_logging
 from lowbit.trainer.quantization import load_or_measure_baselines, quantizers_enabled, recovered
 from lowbit.trainer.strategies import Strategy, build_strategy
@@ -32,50 +29,26 @@ from lowbit.trainer.strategies import Strategy, build_strategy
 logger = logging.getLogger("lowbit")
 
 
-def resolve_resume(cfg: RunConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from, per ``checkpoint.resume`` (auto | never | a path)."""
-    mode = cfg.checkpoint.resume
-    if mode == "never":
-        if ckpt.checkpoint_dirs(run_dir):
-            raise UserError(
-                f"run.output_dir {run_dir} already holds checkpoints of an earlier run; set "
-                "checkpoint.resume=auto to continue it, or choose another run.output_dir"
-            )
-        return None
-    if mode == "auto":
-        return ckpt.latest_valid_checkpoint(run_dir)
-    path = Path(mode)
-    problem = ckpt.verify(path) if path.is_dir() else "no such directory"
-    if problem is not None:
-        raise UserError(f"checkpoint.resume {path}: cannot resume from it: {problem}")
-    return path
-
-
 class Trainer:
     """Runs ``cfg`` to ``train.max_steps``, resuming from the run dir's newest checkpoint."""
 
     def __init__(self, cfg: RunConfig, strategy: Strategy | None = None) -> None:
         self.cfg = cfg
-        self.strategy = strategy or build_strategy(cfg.strategy)
+        self.strategy = strategy or build_strategy(cfg.strategy, cfg.train)
         setup_console_logging(self.strategy.is_main)
         self.run_dir = Path(cfg.run.output_dir)
         self.config_yaml = to_yaml(cfg)
-        resume_from = resolve_resume(cfg, self.run_dir)
-        self.strategy.barrier()  # nobody writes to the run dir before every rank has looked at it
+        # Rank 0 verifies (hashes) the checkpoint once and tells the others which one it chose.
+        choice = ckpt.choose_resume(cfg.checkpoint.resume, self.run_dir) if self.strategy.is_main else None
+        resume_from = self.strategy.broadcast_object(None if choice is None else str(choice))
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        self.strategy.barrier()  # nobody writes to the run dir before every rank has looked at it
         self.parts: Components = build_components(cfg, self.strategy)
         self.step = 0
         if resume_from is not None:
-            state = ckpt.load_checkpoint(
-                resume_from,
-                self.strategy.unwrap(self.parts.model),
-                self.parts.optimizer,
-                self.strategy.rank,
-                self.parts.objective,
-            )
-            self.parts.scheduler.load_state_dict(state.scheduler)
+            state = ckpt.restore(self.strategy, Path(resume_from))
             self.step = state.step
             if state.global_batch_size != self.parts.train_batches.global_batch_size:
                 logger.warning(
@@ -107,43 +80,16 @@ class Trainer:
             raise UserError(f"step {self.step}: no token in the global batch has a label (all -100)")
         loss_total = torch.zeros((), dtype=torch.float64)
         part_totals: dict[str, torch.Tensor] = {}
-        needs = parts.objective.needs
-        fused = self.cfg.train.fused_head_chunk > 0
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(strategy.device) for k, v in batch.items()}
-            with strategy.no_sync(parts.model, sync=index == len(micro_batches) - 1):
-                unwrapped = strategy.unwrap(parts.model)
-                with (
-                    autocast(strategy.device, self.cfg.train.precision),
-                    capture_qkv(unwrapped, parts.objective.qkv_layers("student")) as qkv,
-                    head_as_identity(unwrapped) if fused else contextlib.nullcontext() as student_head,
-                ):
-                    outputs = parts.model(
-                        input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"],
-                        output_hidden_states="student_hidden" in needs,
-                    )
-                inputs, head = self._loss_inputs(batch, outputs, needs, student_head)
-                inputs.student_qkv = qkv if "student_qkv" in needs else None
-                # The fused head applies the lm_head inside the loss: under the forward's autocast.
-                with (
-                    autocast(strategy.device, self.cfg.train.precision) if fused else contextlib.nullcontext()
-                ):
-                    loss, terms = parts.objective(inputs, target_tokens, head)
-                # DDP averages gradients over ranks; the loss is already a global mean, so undo that.
-                (loss * strategy.world_size).backward()
+            with strategy.micro_step(sync=index == len(micro_batches) - 1):
+                loss, terms = parts.loss_step(parts.model, batch, target_tokens)
+                strategy.backward(loss)
             loss_total += loss.detach().double().cpu()
             for name, value in terms.items():
                 part_totals[name] = part_totals.get(name, 0) + value.double().cpu()
-        strategy.all_reduce_gradients(parts.objective)  # a loss term's own parameters are not in DDP
-        grad_norm = None
-        if self.cfg.train.max_grad_norm > 0:
-            trainable = [*parts.model.parameters(), *parts.objective.parameters()]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.max_grad_norm)
-        lr = parts.optimizer.param_groups[0]["lr"]
-        parts.optimizer.step()
-        parts.scheduler.step()
-        parts.optimizer.zero_grad(set_to_none=True)
+        lr = strategy.current_lr()
+        grad_norm = strategy.optimizer_step()
         names = list(part_totals)
         reduced = strategy.all_reduce_sum(torch.stack([loss_total, *[part_totals[n] for n in names]]))
         elapsed = time.perf_counter() - started
@@ -153,49 +99,9 @@ class Trainer:
                 {f"loss/{n}": (reduced[i + 1] / target_tokens).item() for i, n in enumerate(names)}
             )
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = grad_norm
         metrics.update(tokens=int(input_tokens), tokens_per_s=input_tokens / elapsed, step_time_s=elapsed)
         return metrics
-
-    def _loss_inputs(
-        self, batch: dict[str, torch.Tensor], outputs, needs, student_head: nn.Module | None
-    ) -> tuple[LossInputs, HeadInputs | None]:
-        """What the loss terms read; the teacher runs only when a term asks for its outputs.
-
-        With the fused head (``student_head`` given) ``outputs.logits`` hold final hidden states
-        and the logit terms get them, with the heads, as ``HeadInputs`` instead of logits.
-        """
-        inputs = LossInputs(labels=batch["labels"], student_logits=None if student_head else outputs.logits)
-        head = None
-        if student_head is not None:
-            head = HeadInputs(outputs.logits, student_head, chunk_size=self.cfg.train.fused_head_chunk)
-        if "student_hidden" in needs:
-            inputs.student_hidden = outputs.hidden_states
-        if not any(need.startswith("teacher") for need in needs):
-            return inputs, head
-        if self.parts.teacher_cache is not None:  # offline teacher: its stored top-k for these examples
-            inputs.teacher_topk = self.parts.teacher_cache.lookup(batch["index"].cpu(), self.strategy.device)
-            return inputs, head
-        teacher = self.parts.teacher
-        assert teacher is not None  # checked when the objective was built
-        with (
-            autocast(self.strategy.device, self.cfg.train.precision),
-            capture_qkv(teacher.model, self.parts.objective.qkv_layers("teacher")) as teacher_qkv,
-            head_as_identity(teacher.model) if head else contextlib.nullcontext() as teacher_head,
-        ):
-            teacher_outputs = teacher.forward(
-                batch["input_ids"], batch["attention_mask"], "teacher_hidden" in needs
-            )
-        inputs.teacher_hidden = teacher_outputs.hidden_states
-        inputs.teacher_qkv = teacher_qkv if "teacher_qkv" in needs else None
-        if head is not None:
-            head.teacher_hidden, head.teacher_head = teacher_outputs.logits, teacher_head
-            return inputs, head
-        inputs.teacher_logits = teacher_outputs.logits
-        if teacher.shared_vocab is not None:  # heads that differ only in padding rows
-            inputs.student_logits = inputs.student_logits[..., : teacher.shared_vocab]
-            inputs.teacher_logits = inputs.teacher_logits[..., : teacher.shared_vocab]
-        return inputs, head
 
     def _evaluate(self, quantized: bool | None = None) -> dict[str, float]:
         """Validation metrics; ``quantized`` forces fake quant on/off (None: as configured)."""
@@ -221,29 +127,18 @@ class Trainer:
         return self.last_eval
 
     def save_checkpoint(self) -> None:
+        """Collective: a checkpoint of the current step, written by the engine's own writer."""
         strategy, parts = self.strategy, self.parts
-        staging = ckpt.staging_dir(self.run_dir, self.step)
-        if strategy.is_main:
-            staging.mkdir(parents=True, exist_ok=True)
-            for stale in staging.iterdir():
-                stale.unlink()
-        strategy.barrier()
         state = ckpt.TrainerState(
             step=self.step,
             data_position=parts.train_batches.position(self.step),
             global_batch_size=parts.train_batches.global_batch_size,
             world_size=strategy.world_size,
-            scheduler=parts.scheduler.state_dict(),
+            scheduler=strategy.scheduler.state_dict() if strategy.scheduler is not None else {},
+            engine=strategy.engine,
+            layout=strategy.checkpoint_layout,
         )
-        if strategy.is_main:
-            model = strategy.unwrap(parts.model)
-            ckpt.write_shared_files(staging, model, parts.optimizer, state, self.config_yaml, parts.objective)
-        ckpt.write_rank_files(staging, strategy.rank)
-        strategy.barrier()
-        if strategy.is_main:
-            final = ckpt.finalize(staging, self.cfg.checkpoint.keep_last)
-            logger.info("saved %s", final)
-        strategy.barrier()
+        ckpt.save(strategy, self.run_dir, state, self.config_yaml, self.cfg.checkpoint.keep_last)
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -114,17 +114,21 @@ def load_model(
     seed: int,
     vocab_needed: int,
     role: str = "model",
+    meta: bool = False,
     **load_kwargs,
 ) -> PreTrainedModel:
-    """Load (or, from ``config``, randomly initialise with ``seed``) a causal LM, with use_cache off."""
+    """Load (or, from ``config``, randomly initialise with ``seed``) a causal LM, with use_cache off.
+
+    ``meta=True`` builds the architecture on the meta device (shapes, no memory, no weights read):
+    for ranks that receive their weights from rank 0 after sharding.
+    """
     dtype = DTYPES[source.dtype]
-    if model_dir is None:
-        fields = dict(source.config or {})
-        model_type = fields.pop("model_type")
-        try:
-            config = AutoConfig.for_model(model_type, **fields)
-        except (ValueError, TypeError) as error:
-            raise UserError(f"{role}.config: {error}") from None
+    if meta:
+        config = _config(source, model_dir, role)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif model_dir is None:
+        config = _config(source, model_dir, role)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
@@ -141,11 +145,23 @@ def load_model(
     return model
 
 
+def _config(source: ModelSource, model_dir: Path | None, role: str):
+    """The transformers config of a model directory, or built from ``source.config``."""
+    if model_dir is not None:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=source.trust_remote_code)
+    fields = dict(source.config or {})
+    model_type = fields.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{role}.config: {error}") from None
+
+
 def build_model(
-    model_cfg: ModelConfig, model_dir: Path | None, seed: int, vocab_needed: int
+    model_cfg: ModelConfig, model_dir: Path | None, seed: int, vocab_needed: int, meta: bool = False
 ) -> PreTrainedModel:
-    """The student: loaded, with gradient checkpointing if asked for."""
-    model = load_model(model_cfg, model_dir, seed, vocab_needed)
+    """The student: loaded (or its shape on the meta device), with gradient checkpointing if asked for."""
+    model = load_model(model_cfg, model_dir, seed, vocab_needed, meta=meta)
     if model_cfg.gradient_checkpointing:
         enable_checkpointing(model)
     return model

@@ -28,16 +28,15 @@ logger = logging.getLogger("lowbit")
 BASELINES_FILE = "quant_baselines.json"
 
 
-def apply_quantization(model: nn.Module, cfg: QuantConfig, announce: bool) -> None:
-    """Swap in fake-quant layers per ``cfg.rules`` and print what was quantized."""
+def apply_quantization(model: nn.Module, cfg: QuantConfig) -> str:
+    """Swap in fake-quant layers per ``cfg.rules``; return the table of what was quantized."""
     from lowbit.quant import quantize_model, summary_table
 
     try:
         reports = quantize_model(model, cfg.rules, cfg.quantize_head, cfg.quantize_embeddings)
     except ValueError as error:
         raise UserError(f"quant.rules: {error}") from None
-    if announce:
-        logger.info("quantization applied:\n%s", summary_table(reports))
+    return summary_table(reports)
 
 
 @contextlib.contextmanager

@@ -47,7 +47,8 @@ def _output_size(model: nn.Module) -> int:
 def build_teacher(
     cfg: TeacherConfig, model_dir, student_tokenizer, seed: int, device: torch.device
 ) -> Teacher:
-    """Load, freeze and check the teacher; an NF4 teacher is loaded straight onto ``device``."""
+    """Load, freeze and check the teacher (left on CPU for the engine to place; an NF4 teacher is
+    loaded straight onto ``device``, as bitsandbytes requires)."""
     tokenizer = build_tokenizer(cfg, model_dir)
     if tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise UserError(
@@ -68,8 +69,6 @@ def build_teacher(
     model = load_model(cfg, model_dir, seed, len(tokenizer), role="teacher", **load_kwargs)
     model.eval()
     model.requires_grad_(False)
-    if getattr(model, "hf_quantizer", None) is None:
-        model.to(device)
     return Teacher(model, None)
 
 

@@ -88,12 +88,12 @@ def build_cache(cfg: RunConfig) -> dict[str, Any]:
     """Run the teacher over the training examples and write the cache; return a summary."""
     from lowbit.trainer.build import build_model_and_data, seed_everything
     from lowbit.trainer.evaluate import autocast
-    from lowbit.trainer.strategies import build_strategy
+    from lowbit.trainer.strategies import inference_strategy
 
     if cfg.teacher is None or cfg.teacher.cache is None:
         raise UserError("set teacher.path (the model to cache) and teacher.cache (where to write it)")
     k, temperature = topk_settings(cfg)
-    strategy = build_strategy(cfg.strategy)
+    strategy = inference_strategy(cfg.strategy, cfg.train)
     try:
         seed_everything(cfg.train.seed)
         built = build_model_and_data(cfg, strategy, with_teacher=True, use_cache=False)

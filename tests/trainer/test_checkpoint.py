@@ -10,34 +10,47 @@ import pytest
 import torch
 
 from lowbit.trainer import checkpoint as ckpt
+from lowbit.trainer.config import StrategyConfig, TrainConfig
 from lowbit.trainer.errors import UserError
+from lowbit.trainer.strategies import Strategy
+
+
+def prepared(seed: int = 0) -> Strategy:
+    torch.manual_seed(seed)
+    strategy = Strategy(StrategyConfig(device="cpu"), TrainConfig(max_steps=10))
+    strategy.prepare(torch.nn.Linear(4, 3), torch.nn.Module())
+    return strategy
 
 
 def save(run_dir, step: int, keep_last: int = 3):
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
-    staging = ckpt.staging_dir(run_dir, step)
-    staging.mkdir(parents=True)
+    strategy = prepared()
+    strategy.model(torch.randn(2, 4)).sum().backward()
+    strategy.optimizer_step()
     state = ckpt.TrainerState(
-        step=step, data_position=step * 8, global_batch_size=8, world_size=1, scheduler={}
-    )
-    ckpt.write_shared_files(staging, model, optimizer, state, "train: {}\n")
-    ckpt.write_rank_files(staging, rank=0)
-    return ckpt.finalize(staging, keep_last), model
+        step=step, data_position=step * 8, global_batch_size=8, world_size=1,
+        scheduler=strategy.scheduler.state_dict(),
+    )  # fmt: skip
+    return ckpt.save(strategy, run_dir, state, "train: {}\n", keep_last), strategy.model
 
 
 def test_save_verify_load_round_trip(tmp_path):
     path, model = save(tmp_path, 5)
     assert path.name == "checkpoint-000005" and ckpt.verify(path) is None
     assert not list(ckpt.checkpoints_root(tmp_path).glob(".*"))  # no staging left behind
-    fresh = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(fresh.parameters())
-    state = ckpt.load_checkpoint(path, fresh, optimizer, rank=0)
-    assert state.step == 5 and state.data_position == 40
-    assert torch.equal(fresh.weight, model.weight)
-    assert optimizer.state_dict()["state"][0]["exp_avg"].shape == (3, 4)
+    fresh = prepared(seed=1)
+    assert not torch.equal(fresh.model.weight, model.weight)
+    state = ckpt.restore(fresh, path)
+    assert state.step == 5 and state.data_position == 40 and state.layout == "safetensors"
+    assert torch.equal(fresh.model.weight, model.weight)
+    assert fresh.optimizer.state_dict()["state"][0]["exp_avg"].shape == (3, 4)
+    assert fresh.scheduler.last_epoch == 1
+
+
+def test_a_checkpoint_of_another_layout_is_refused_naming_the_engine_that_reads_it(tmp_path):
+    path, _ = save(tmp_path, 2)
+    state = json.loads((path / ckpt.STATE_FILE).read_text())
+    with pytest.raises(UserError, match="resume it with strategy.name=fsdp2"):
+        prepared().check_resumable(path, {**state, "engine": "fsdp2", "layout": "dcp"})
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "delete"])

@@ -159,12 +159,18 @@ def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
     )
 
 
-def test_eval_batches_split_ranks_without_overlap():
+def test_eval_batches_split_ranks_without_overlap_and_pad_short_ranks_with_uncounted_rows():
     data = numbered(7)
-    shares = [
-        [int(r) for b in eval_batches(data, 2, 3, rank) for r in b["input_ids"][:, 0]] for rank in range(3)
-    ]
-    assert sorted(sum(shares, [])) == list(range(7))
+    per_rank = [eval_batches(data, 2, 3, rank) for rank in range(3)]
+    # every rank runs the same forwards (sharded engines gather weights collectively in each)
+    assert [[len(b["input_ids"]) for b in batches] for batches in per_rank] == [[2, 1]] * 3
+    counted = [
+        int(row[0]) for batches in per_rank for b in batches
+        for row, labels in zip(b["input_ids"], b["labels"]) if (labels != -100).any()
+    ]  # fmt: skip
+    assert sorted(counted) == list(range(7))
+    assert (per_rank[1][-1]["labels"] == -100).all() and (per_rank[2][-1]["labels"] == -100).all()
+    assert (data.labels != -100).any(dim=1).all()  # padding never touched the dataset itself
 
 
 def test_validation_split_is_seeded_and_disjoint():

@@ -60,6 +60,18 @@ class StepBatches:
 
 
 def eval_batches(examples: Examples, batch_size: int, world_size: int, rank: int) -> list[dict[str, Tensor]]:
-    """This rank's share (every ``world_size``-th example) of the validation set, in batches."""
+    """This rank's share (every ``world_size``-th example) of the validation set, in batches.
+
+    Every rank gets the same number of batches, each of the same size as on the others: where
+    its share is one example short, the last batch is completed by a copy of example 0 whose
+    labels are all ignored (it counts no token). Sharded engines (fsdp2, ZeRO-3) gather weights
+    collectively inside each forward, so a rank that ran one forward more would wait forever.
+    """
+    per_rank = -(-len(examples) // world_size)
     mine = list(range(rank, len(examples), world_size))
-    return [examples.batch(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
+    padding = per_rank - len(mine)
+    indices = mine + [0] * padding
+    batches = [examples.batch(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+    if padding:
+        batches[-1]["labels"][-padding:] = -100
+    return batches

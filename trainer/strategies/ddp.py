@@ -1,0 +1,43 @@
+"""DistributedDataParallel: a full replica per process, gradients all-reduced in backward."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+from lowbit.trainer.strategies.distributed import DistributedStrategy
+
+
+class DDPStrategy(DistributedStrategy):
+    """Replicas kept equal by averaging gradients; checkpoints are rank 0's safetensors."""
+
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    @contextlib.contextmanager
+    def micro_step(self, sync: bool) -> Iterator[None]:
+        # DDP decides at forward time whether the backward all-reduces: the context spans both.
+        if sync or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            yield
+        else:
+            with self.model.no_sync():
+                yield
+
+    def backward(self, loss: Tensor) -> None:
+        # DDP averages gradients over ranks; the loss is already the global mean, so undo that.
+        (loss * self.world_size).backward()
+
+    def reduce_extra_gradients(self) -> None:
+        self.average_gradients(self.objective)
+
+
+STRATEGY = DDPStrategy

@@ -1,0 +1,165 @@
+"""DeepSpeed ZeRO 1–3: the engine owns backward, the accumulation boundary, clipping, the
+optimizer step and its checkpoints; this strategy drives it through that contract.
+
+The student and the objective's own parameters form one ``TrainedModules`` tree, so ZeRO shards,
+clips and checkpoints them together. lowbit's AdamW and schedule are handed to
+``deepspeed.initialize`` with a JSON generated from the run config (``deepspeed_config``). The loop
+owns the accumulation boundary (``managed_gradient_accumulation: false``): ``backward`` per
+micro-batch only accumulates, ``optimizer_step`` is the boundary.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from lowbit.trainer.config import DeepSpeedConfig, StrategyConfig, TrainConfig
+from lowbit.trainer.errors import UserError
+from lowbit.trainer.optim import build_optimizer, build_scheduler
+from lowbit.trainer.strategies.base import TrainedModules
+from lowbit.trainer.strategies.deepspeed_config import deepspeed_config
+from lowbit.trainer.strategies.distributed import DistributedStrategy
+
+TAG = "deepspeed"  # the engine's checkpoint folder inside ours
+logger = logging.getLogger("lowbit")
+
+
+class DeepSpeedStrategy(DistributedStrategy):
+    """A ``deepspeed.initialize`` engine over the student (+ loss parameters)."""
+
+    name = "deepspeed"
+    checkpoint_layout = "deepspeed"
+
+    def __init__(self, cfg: StrategyConfig, train: TrainConfig) -> None:
+        super().__init__(cfg, train)
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.options = cfg.deepspeed or DeepSpeedConfig()
+        self.shards_parameters = self.options.stage == 3
+        self.gathers_in_module_forward = self.options.stage == 3
+        # Joins the process group opened above instead of opening its own.
+        deepspeed.init_distributed(
+            dist_backend=self.backend, timeout=datetime.timedelta(seconds=cfg.timeout_s)
+        )
+        self.engine_module = None
+        self.frozen_engines: list[Any] = []
+
+    @property
+    def engine(self) -> str:
+        return f"deepspeed-zero{self.options.stage}"
+
+    def prepare(self, model: nn.Module, objective: nn.Module) -> nn.Module:
+        import deepspeed
+
+        self.objective = objective
+        trained = TrainedModules(model, objective).to(self.device)
+        optimizer = build_optimizer(trained, self.train)
+        self.scheduler = build_scheduler(optimizer, self.train)
+        config = deepspeed_config(self.train, self.options, self.world_size)
+        engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=trained, optimizer=optimizer, lr_scheduler=self.scheduler, config=config,
+            dist_init_required=False,
+        )  # fmt: skip
+        self.model = engine
+        return engine
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        inner = getattr(model, "module", model)
+        return inner.student if isinstance(inner, TrainedModules) else inner
+
+    def place_frozen(self, module: nn.Module) -> nn.Module:
+        """The teacher: replicated, or (``strategy.teacher: sharded``) a ZeRO-3 inference engine
+        that keeps 1/N of its weights per rank and gathers each layer as it runs."""
+        if self.cfg.teacher != "sharded":
+            return super().place_frozen(module)
+        import deepspeed
+
+        if getattr(module, "hf_quantizer", None) is not None:
+            raise UserError(
+                "strategy.teacher=sharded cannot partition a bitsandbytes (load_in_4bit) teacher; use "
+                "strategy.teacher=replicated with it"
+            )
+        dtype = next(module.parameters()).dtype
+        config = {
+            "train_micro_batch_size_per_gpu": self.train.micro_batch_size,
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": str(dtype) == "torch.bfloat16"},
+            "fp16": {"enabled": str(dtype) == "torch.float16"},
+            "steps_per_print": 2**31 - 1,
+        }
+        engine = deepspeed.initialize(model=module.to(self.device), config=config, dist_init_required=False)[0]
+        engine.eval()
+        self.frozen_engines.append(engine)  # keeps its partitioning hooks alive
+        return module
+
+    def backward(self, loss: Tensor) -> None:
+        # ZeRO averages gradients over ranks and (by default) divides by the accumulation steps;
+        # the loss is already the global mean over the step, so undo both.
+        assert self.model is not None
+        self.model.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def optimizer_step(self) -> float | None:
+        """The engine's step: reduce, clip (``gradient_clipping``), AdamW, schedule, zero-grad."""
+        assert self.model is not None
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        if self.train.max_grad_norm <= 0 or norm is None:
+            return None
+        return float(norm)
+
+    # -- state: DeepSpeed's own checkpoint ---------------------------------------------------------
+
+    def check_resumable(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        super().check_resumable(checkpoint, state)
+        if state.get("engine") != self.engine:
+            raise UserError(
+                f"checkpoint {checkpoint} was written by {state.get('engine')} and this run uses {self.engine}: "
+                f"ZeRO stages partition the optimizer differently; resume with strategy.deepspeed.stage="
+                f"{str(state.get('engine')).removeprefix('deepspeed-zero')}"
+            )
+        if state.get("world_size") != self.world_size:
+            raise UserError(
+                f"checkpoint {checkpoint} holds ZeRO partitions for {state.get('world_size')} ranks and this job has "
+                f"{self.world_size}: relaunch with {state.get('world_size')} processes. (Its weights are complete: "
+                f"`lowbit export` and `lowbit eval` read it at any size. DeepSpeed converts it for other sizes with "
+                f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {checkpoint / TAG} --output_folder "
+                "UNIVERSAL_DIR`, which lowbit does not load yet.)"
+            )
+
+    def save_checkpoint(self, staging: Path) -> None:
+        assert self.model is not None
+        self.model.save_checkpoint(str(staging), tag=TAG, save_latest=False)
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        assert self.model is not None
+        path, _ = self.model.load_checkpoint(
+            str(checkpoint), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise UserError(f"checkpoint {checkpoint}: DeepSpeed found no engine state under {TAG}/")
+
+    def consolidated_state_dict(self) -> dict[str, Tensor]:
+        assert self.model is not None
+        if self.options.stage == 3:
+            state = self.model._zero3_consolidated_16bit_state_dict() or {}
+            prefix = "student."
+            return {name[len(prefix) :]: t.cpu() for name, t in state.items() if name.startswith(prefix)}
+        return super().consolidated_state_dict()
+
+
+def read_deepspeed_weights(checkpoint: Path) -> dict[str, Tensor]:
+    """The student's fp32 weights from a DeepSpeed checkpoint, in one process: DeepSpeed's own
+    ``zero_to_fp32`` reassembles every rank's ZeRO partitions (what ``lowbit eval``/``export`` read)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    prefix = "student."
+    return {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+
+
+STRATEGY = DeepSpeedStrategy

@@ -1,0 +1,85 @@
+"""What every multi-process engine shares: joining the process group, collectives, teardown."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lowbit.trainer.config import StrategyConfig, TrainConfig
+from lowbit.trainer.strategies.base import Strategy, launched_world_size, pick_device
+
+
+class DistributedStrategy(Strategy):
+    """Base of ddp, fsdp2 and deepspeed: one process per device, joined in a process group.
+
+    Under torchrun (or accelerate / deepspeed launchers, which set the same variables) the rank
+    comes from the environment. Started plainly, the process is a group of one (an in-memory
+    store), so any engine also runs — and resumes a checkpoint — in a single process. The
+    backend is nccl on CUDA and gloo on CPU unless ``strategy.backend`` says otherwise;
+    ``strategy.timeout_s`` bounds how long a collective waits for a dead or stuck rank.
+    """
+
+    def __init__(self, cfg: StrategyConfig, train: TrainConfig) -> None:
+        super().__init__(cfg, train)
+        launched = "RANK" in os.environ
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world_size = launched_world_size() if launched else 1
+        self.device = pick_device(cfg.device, self.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.owns_group = not dist.is_initialized()
+        if self.owns_group:
+            timeout = datetime.timedelta(seconds=cfg.timeout_s)
+            if launched:
+                dist.init_process_group(self.backend, timeout=timeout)
+            else:
+                dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+    @property
+    def backend(self) -> str:
+        if self.cfg.backend != "auto":
+            return self.cfg.backend
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    def _all_reduce(self, tensor: Tensor, op) -> Tensor:
+        reduced = tensor.detach().clone().to(self._collective_device())
+        dist.all_reduce(reduced, op=op)
+        return reduced.to(tensor.device)
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, tensor: Tensor) -> Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.MAX)
+
+    def broadcast_object(self, value: Any) -> Any:
+        holder = [value if self.is_main else None]
+        dist.broadcast_object_list(holder, src=0, device=self._collective_device())
+        return holder[0]
+
+    def average_gradients(self, module: nn.Module | None) -> None:
+        """All-reduce-average the gradients of a module no engine wraps (a loss projection)."""
+        if module is None:
+            return
+        for param in module.parameters():
+            if param.grad is not None:
+                param.grad.copy_(self.all_reduce_sum(param.grad) / self.world_size)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def teardown(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+__all__ = ["DistributedStrategy"]

@@ -1,0 +1,219 @@
+"""FSDP2 (PyTorch ``fully_shard``): parameters, gradients and optimizer state sharded over ranks.
+
+Layout as in torchtitan's ``apply_fsdp``: one FSDP unit per decoder layer, then the root (the
+embeddings, final norm and head). Each layer's weights are all-gathered just before its forward
+(and again before its backward when ``reshard_after_forward``), its gradients reduce-scattered
+after its backward; the optimizer steps on the local shards (DTensors). The root is not
+resharded after forward: the loss needs the head right after it (the fused head reads the
+gathered weight directly), and backward starts there.
+
+Checkpoints are ``torch.distributed.checkpoint`` (DCP) directories: every rank writes its own
+shards in parallel, and loading reshards, so a run saved on N ranks resumes on M.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lowbit.trainer.config import FSDP2Config, StrategyConfig, TrainConfig
+from lowbit.trainer.errors import UserError
+from lowbit.trainer.model import DTYPES
+from lowbit.trainer.optim import build_optimizer, build_scheduler
+from lowbit.trainer.strategies.base import TrainedModules
+from lowbit.trainer.strategies.distributed import DistributedStrategy
+
+DCP_DIR = "dcp"
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes (the
+    decoder layers), else the children of the model's longest ``nn.ModuleList``."""
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in classes]
+    if layers:
+        return layers
+    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
+    if not lists:
+        raise UserError(
+            f"strategy fsdp2: cannot find the decoder layers of {type(model).__name__} (no _no_split_modules "
+            "and no nn.ModuleList); use ddp or deepspeed for this model"
+        )
+    return list(max(lists, key=len))
+
+
+class FSDP2Strategy(DistributedStrategy):
+    """``fully_shard`` per decoder layer + root, over a 1-D mesh or a 2-D (replicate, shard) HSDP mesh."""
+
+    name = "fsdp2"
+    checkpoint_layout = "dcp"
+    shards_parameters = True
+
+    def __init__(self, cfg: StrategyConfig, train: TrainConfig) -> None:
+        super().__init__(cfg, train)
+        self.options = cfg.fsdp2 or FSDP2Config()
+        replicate = self.options.replicate
+        if self.world_size % replicate:
+            raise UserError(
+                f"strategy.fsdp2.replicate={replicate} does not divide the {self.world_size} ranks; "
+                f"choose a divisor of {self.world_size} (e.g. the number of nodes)"
+            )
+        reshard = self.options.reshard_after_forward
+        shard_size = self.world_size // replicate
+        if not isinstance(reshard, bool) and shard_size % reshard:
+            raise UserError(
+                f"strategy.fsdp2.reshard_after_forward={reshard} must divide the shard group of {shard_size} "
+                "ranks (e.g. the GPUs of a node), or be true/false"
+            )
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if replicate > 1:
+            self.mesh = init_device_mesh(
+                self.device.type, (replicate, shard_size), mesh_dim_names=("replicate", "shard")
+            )
+        else:
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("shard",))
+
+    @property
+    def loads_weights(self) -> bool:
+        return self.is_main or self.options.load == "full" or self.world_size == 1
+
+    def _shard(self, model: nn.Module, reshard: bool | int, mixed_precision: bool) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        options = self.options
+        kwargs: dict = {"mesh": self.mesh}
+        if mixed_precision and (options.param_dtype or options.reduce_dtype):
+            reduce = options.reduce_dtype or "fp32"  # bf16 compute, fp32 gradient reduction
+            kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=DTYPES.get(options.param_dtype or ""), reduce_dtype=DTYPES[reduce]
+            )
+        if options.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        for layer in decoder_layers(model):
+            fully_shard(layer, reshard_after_forward=reshard, **kwargs)
+        fully_shard(model, reshard_after_forward=False, **kwargs)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.options.cpu_offload and not _on_meta(model):
+            model = model.to(self.device)
+        self._shard(model, self.options.reshard_after_forward, mixed_precision=True)
+        if self.options.cpu_offload and not _on_meta(model):
+            _buffers_to(model, self.device)  # parameters live on CPU; buffers are used where compute runs
+        return model
+
+    def prepare(self, model: nn.Module, objective: nn.Module) -> nn.Module:
+        """Shard the student; where only rank 0 read the weights, the others' shards come from it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        broadcast = self.options.load == "rank0" and self.world_size > 1
+        full_state = model.state_dict() if broadcast and self.is_main else {}
+        self.objective = objective.to(self.device)
+        self.model = self.wrap(model)
+        if broadcast or _on_meta(model):
+            if _on_meta(model):
+                model.to_empty(device="cpu" if self.options.cpu_offload else self.device)
+                _buffers_to(model, self.device)
+            set_model_state_dict(
+                model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            )
+            for buffer in model.buffers():  # not in the state dict (rotary inv_freq): rank 0's values
+                dist.broadcast(buffer.data, src=0)
+        del full_state
+        self.optimizer = build_optimizer(self.model, self.train, self.objective)
+        self.scheduler = build_scheduler(self.optimizer, self.train)
+        return self.model
+
+    def place_frozen(self, module: nn.Module) -> nn.Module:
+        """The teacher: replicated, or (``strategy.teacher: sharded``) its layers sharded and
+        gathered one at a time as it runs; its root (embeddings, head) stays gathered, for the
+        fused head reads the head's weight after the forward."""
+        if self.cfg.teacher != "sharded":
+            return super().place_frozen(module)
+        if getattr(module, "hf_quantizer", None) is not None:
+            raise UserError(
+                "strategy.teacher=sharded cannot shard a bitsandbytes (load_in_4bit) teacher; use "
+                "strategy.teacher=replicated with it, or a bf16 sharded teacher"
+            )
+        module.to(self.device)
+        self._shard(module, True, mixed_precision=False)
+        return module
+
+    @contextlib.contextmanager
+    def micro_step(self, sync: bool) -> Iterator[None]:
+        assert self.model is not None
+        self.model.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def backward(self, loss: Tensor) -> None:
+        # reduce-scatter averages over the ranks; the loss is already the global mean.
+        (loss * self.world_size).backward()
+
+    def reduce_extra_gradients(self) -> None:
+        self.average_gradients(self.objective)
+
+    # -- state: DCP --------------------------------------------------------------------------------
+
+    def _state(self) -> tuple[TrainedModules, dict]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        assert self.model is not None and self.objective is not None and self.optimizer is not None
+        trained = TrainedModules(self.model, self.objective)
+        model_state, optimizer_state = get_state_dict(trained, self.optimizer)
+        return trained, {"model": model_state, "optimizer": optimizer_state}
+
+    def save_checkpoint(self, staging: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        _, state = self._state()
+        dcp.save(state, checkpoint_id=str(staging / DCP_DIR))
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        trained, state = self._state()
+        dcp.load(state, checkpoint_id=str(checkpoint / DCP_DIR))
+        set_state_dict(
+            trained, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+
+    def consolidated_state_dict(self) -> dict[str, Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        assert self.model is not None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(param.is_meta for param in model.parameters())
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+
+
+def read_dcp_weights(checkpoint: Path, model: nn.Module) -> None:
+    """Load the student's weights from a DCP checkpoint into a plain (unsharded) model, in one
+    process: DCP reassembles every rank's shards (what ``lowbit eval`` and ``export`` read)."""
+    import torch.distributed.checkpoint as dcp
+
+    target = {"model": {f"student.{name}": tensor for name, tensor in model.state_dict().items()}}
+    with torch.no_grad():
+        dcp.load(target, checkpoint_id=str(checkpoint / DCP_DIR), no_dist=True)
+    # ``target`` shares the model's tensors, so the load filled the model in place.
+
+
+STRATEGY = FSDP2Strategy
