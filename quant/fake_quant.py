@@ -118,7 +118,9 @@ def initial_scale(x: Tensor, spec: QuantSpec, candidates: int = 40) -> tuple[Ten
         low, high = -blocks.abs().amax(1, keepdim=True), blocks.abs().amax(1, keepdim=True)
     else:
         low, high = blocks.amin(1, keepdim=True).clamp_max(0), blocks.amax(1, keepdim=True).clamp_min(0)
-    ratios = [1.0] if spec.scale_init == "minmax" else torch.linspace(1.0, 0.3, candidates, device="cpu").tolist()
+    ratios = (
+        [1.0] if spec.scale_init == "minmax" else torch.linspace(1.0, 0.3, candidates, device="cpu").tolist()
+    )
     best_scale = best_offset = best_error = None
     for ratio in ratios:
         scale = ((high - low) * ratio / (qmax - qmin)).clamp_min(1e-8)

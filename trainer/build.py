@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.losses import ModelShapes, Objective, build_objective
 from lowbit.losses.kd_terms import TopKTerm
-from lowbit.trainer.config import RunConfig, TrainConfig
+from lowbit.trainer.config import RunConfig, resolve_global_batch
 from lowbit.trainer.data import Examples, StepBatches, load_splits
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.hooks import StepHook, build_hooks
@@ -38,7 +38,10 @@ def import_plugins(imports: list[str]) -> None:
                 path = Path(name)
                 if not path.is_file():
                     raise UserError(f"imports: {name} does not exist")
-                spec = importlib.util.spec_from_file_location(f"lowbit_plugin_{path.stem}", path)
+                module_name = f"lowbit_plugin_{path.stem}"
+                if module_name in sys.modules:  # already imported (an earlier run in this process)
+                    continue
+                spec = importlib.util.spec_from_file_location(module_name, path)
                 assert spec is not None and spec.loader is not None
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[spec.name] = module
@@ -169,25 +172,11 @@ def model_shapes(student: nn.Module, teacher: Teacher | None) -> ModelShapes:
     return shapes
 
 
-def resolve_batch(train: TrainConfig, world_size: int) -> None:
-    """Derive ``grad_accum_steps`` from ``global_batch_size`` for this world size, in place."""
-    if train.global_batch_size is None:
-        return
-    per_pass = train.micro_batch_size * world_size
-    if train.global_batch_size % per_pass:
-        raise UserError(
-            f"train.global_batch_size {train.global_batch_size} is not a multiple of micro_batch_size "
-            f"{train.micro_batch_size} × {world_size} ranks = {per_pass}: set a global batch that is, or a "
-            f"micro_batch_size that divides {train.global_batch_size // world_size if train.global_batch_size >= world_size else 1}"
-        )
-    train.grad_accum_steps = train.global_batch_size // per_pass
-
-
 def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
     """Everything a run needs, in order: the model and its transforms, the objective, the engine."""
     import_plugins(cfg.imports)
     seed_everything(cfg.train.seed)
-    resolve_batch(cfg.train, strategy.world_size)
+    resolve_global_batch(cfg.train, strategy.world_size)
     try:
         objective = build_objective(cfg.loss)
         hooks = build_hooks(cfg.hooks)

@@ -142,7 +142,9 @@ def finalize(staging: Path, keep_last: int) -> Path:
     return final
 
 
-def save(strategy: Strategy, run_dir: Path, state: TrainerState, config_yaml: str, keep_last: int) -> Path | None:
+def save(
+    strategy: Strategy, run_dir: Path, state: TrainerState, config_yaml: str, keep_last: int
+) -> Path | None:
     """Collective: write a checkpoint of the current step; returns its path on rank 0.
 
     The staging directory must be visible to every rank (one shared filesystem, as DCP and

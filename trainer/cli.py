@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lowbit.trainer.errors import EXIT_USER_ERROR, UserError
+from lowbit.trainer.preemption import Preempted
 
 EPILOG = """examples:
   lowbit train configs/tiny.yaml train.max_steps=50
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="start N local processes through torch's elastic launcher (as torchrun does)",
+    )
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="R",
+        help="with --nproc-per-node: restart all processes up to R times when one fails; each restart "
+        "resumes from the newest complete checkpoint",
     )
     train.add_argument("config", help="YAML recipe, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -75,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _launch_local(nproc: int, config: str, overrides: list[str]) -> int:
+def _launch_local(nproc: int, config: str, overrides: list[str], max_restarts: int = 0) -> int:
     """Re-run ``lowbit train`` in ``nproc`` processes via torch.distributed.run (torchrun)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -84,6 +93,7 @@ def _launch_local(nproc: int, config: str, overrides: list[str]) -> int:
         [
             "--standalone",
             f"--nproc-per-node={nproc}",
+            f"--max-restarts={max_restarts}",
             "--module",
             "lowbit.trainer",
             "train",
@@ -102,11 +112,13 @@ def _launch_local(nproc: int, config: str, overrides: list[str]) -> int:
 def _train(args: argparse.Namespace) -> int:
     if args.nproc_per_node < 1:
         raise UserError("--nproc-per-node must be at least 1")
+    if args.max_restarts < 0 or (args.max_restarts and args.nproc_per_node == 1):
+        raise UserError("--max-restarts R (R >= 0) restarts the processes of --nproc-per-node N (N >= 2)")
     from lowbit.trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # config errors are reported before any heavy import
     if args.nproc_per_node > 1:
-        return _launch_local(args.nproc_per_node, args.config, args.overrides)
+        return _launch_local(args.nproc_per_node, args.config, args.overrides, args.max_restarts)
     from lowbit.trainer.loggers import format_metrics
     from lowbit.trainer.loop import train
 
@@ -199,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"lowbit {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lowbit {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -109,6 +109,10 @@ class TrainConfig:
     """Clip the global gradient norm; 0 disables clipping."""
     precision: str = "fp32"
     """Autocast: fp32 (off) | bf16."""
+    compile: bool = False
+    """Compile each decoder layer with ``torch.compile`` (Inductor), after the model transforms and
+    before the engine wraps it (fake quant is traced into the layer's graph); the first steps are
+    slow while it compiles."""
     fused_head_chunk: int = 0
     """0: the model computes full logits. N: the logit loss terms (ce, kd_*) build logits from the
     final hidden states N tokens at a time, so [tokens × vocab] logits never exist."""
@@ -345,7 +349,9 @@ def _validate_strategy(cfg: RunConfig, fail) -> None:
     if strategy.fsdp2 is not None:
         reshard = strategy.fsdp2.reshard_after_forward
         if not isinstance(reshard, bool) and not (isinstance(reshard, int) and reshard >= 1):
-            fail(f"strategy.fsdp2.reshard_after_forward: true, false or a number of ranks >= 1, got {reshard!r}")
+            fail(
+                f"strategy.fsdp2.reshard_after_forward: true, false or a number of ranks >= 1, got {reshard!r}"
+            )
         if strategy.fsdp2.replicate < 1:
             fail(f"strategy.fsdp2.replicate must be at least 1, got {strategy.fsdp2.replicate}")
     if strategy.deepspeed is not None:
@@ -357,10 +363,39 @@ def _validate_strategy(cfg: RunConfig, fail) -> None:
             )
         if options.config is not None and not Path(options.config).is_file():
             fail(f"strategy.deepspeed.config: {options.config} does not exist")
+    if strategy.teacher == "sharded":
+        if strategy.name in ("single", "ddp"):
+            fail(
+                f"strategy.teacher=sharded needs an engine that shards (fsdp2 or deepspeed), not {strategy.name}: "
+                "set strategy.name=fsdp2 (or deepspeed), or strategy.teacher=replicated"
+            )
+        if cfg.teacher is None or cfg.teacher.cache is not None:
+            fail(
+                "strategy.teacher=sharded, but no teacher runs (none configured, or teacher.cache replaces it)"
+            )
+        if cfg.teacher.load_in_4bit:
+            fail(
+                "strategy.teacher=sharded cannot shard a bitsandbytes NF4 teacher (teacher.load_in_4bit): use "
+                "strategy.teacher=replicated with it, or a bf16 teacher (teacher.dtype=bf16) sharded"
+            )
     if strategy.timeout_s < 1:
         fail(f"strategy.timeout_s must be at least 1 second, got {strategy.timeout_s}")
     if cfg.train.global_batch_size is not None and cfg.train.global_batch_size < 1:
         fail(f"train.global_batch_size must be at least 1, got {cfg.train.global_batch_size}")
+
+
+def resolve_global_batch(train: TrainConfig, world_size: int) -> None:
+    """Derive ``grad_accum_steps`` from ``global_batch_size`` for this world size, in place."""
+    if train.global_batch_size is None:
+        return
+    per_pass = train.micro_batch_size * world_size
+    if train.global_batch_size % per_pass:
+        raise UserError(
+            f"train.global_batch_size {train.global_batch_size} is not a multiple of micro_batch_size "
+            f"{train.micro_batch_size} × {world_size} ranks = {per_pass}: set a global batch that is, or a "
+            f"micro_batch_size that divides {train.global_batch_size // world_size if train.global_batch_size >= world_size else 1}"
+        )
+    train.grad_accum_steps = train.global_batch_size // per_pass
 
 
 def _package_dir(name: str) -> str:
@@ -423,7 +458,9 @@ def _validate(cfg: RunConfig, source: str) -> None:
             continue
         value = _get(cfg, key)
         if value not in allowed:
-            fail(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
+            fail(
+                f"{key}: unknown value {value!r}; choose one of {', '.join(str(a) for a in allowed if a is not None)}"
+            )
     if cfg.export is not None:
         _validate_export(cfg, fail)
     _validate_strategy(cfg, fail)

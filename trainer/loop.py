@@ -23,6 +23,7 @@ from lowbit.trainer.config import RunConfig, config_dict, to_yaml
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import MetricsLogger, setup_console_logging
+from lowbit.trainer.preemption import Preempted, StopSignals
 from lowbit.trainer.quantization import load_or_measure_baselines, quantizers_enabled, recovered
 from lowbit.trainer.strategies import Strategy, build_strategy
 
@@ -57,10 +58,25 @@ class Trainer:
                     self.parts.train_batches.global_batch_size,
                 )
             logger.info("resumed from %s at step %d", resume_from, self.step)
+        if self.strategy.is_main:
+            logger.info("%s", self.describe())
         run_name = cfg.run.name or self.run_dir.name
         self.metrics = MetricsLogger(cfg.log, self.run_dir, run_name, config_dict(cfg), self.strategy.is_main)
         self.last_eval: dict[str, float] = {}
         self.baselines: dict[str, float] = {}
+
+    def describe(self) -> str:
+        """One line on what runs: engine, ranks, global batch, parameters, run directory."""
+        strategy, batches = self.strategy, self.parts.train_batches
+        student = strategy.unwrap(self.parts.model)
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in student.parameters()]
+        total, trained = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
+        return (
+            f"engine {strategy.engine} on {strategy.world_size} rank(s) ({strategy.device.type}) | global batch "
+            f"{batches.global_batch_size} = {batches.micro_batch_size} micro × {batches.grad_accum_steps} accum × "
+            f"{strategy.world_size} ranks | {total / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained | "
+            f"{len(batches.examples):,} training sequences | run dir {self.run_dir}"
+        )
 
     # -- pieces of a step -------------------------------------------------------------------------
 
@@ -143,7 +159,11 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``max_steps``; return the last train metrics and eval results."""
+        """Train to ``max_steps``; return the last train metrics and eval results.
+
+        Raises:
+            Preempted: a stop signal arrived; the step it arrived in was finished and checkpointed.
+        """
         cfg, parts = self.cfg, self.parts
         max_steps = cfg.train.max_steps
         self.metrics.start(max_steps, self.step)
@@ -158,27 +178,40 @@ class Trainer:
         first_step = self.step
         parts.model.train()
         try:
-            while self.step < max_steps:
-                for hook in parts.hooks:
-                    hook.on_step_start(self, self.step)
-                metrics = self._train_step()
-                self.step += 1
-                self.metrics.log_train(self.step, metrics)
-                last = self.step == max_steps
-                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not last:
-                    self.run_eval()
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and not last:
+            with StopSignals() as signals:
+                while self.step < max_steps:
+                    for hook in parts.hooks:
+                        hook.on_step_start(self, self.step)
+                    metrics = self._train_step()
+                    self.step += 1
+                    self.metrics.log_train(self.step, metrics)
+                    last = self.step == max_steps
+                    if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not last:
+                        self.run_eval()
+                    saved = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0
+                    if saved and not last:
+                        self.save_checkpoint()
+                    for hook in parts.hooks:
+                        hook.on_step_end(self, self.step, metrics)
+                    if not last:  # a signal during the last step just lets the run finish
+                        self._stop_if_signalled(signals, saved)
+                self.run_eval()
+                if cfg.checkpoint.save_final and self.step > first_step:
                     self.save_checkpoint()
                 for hook in parts.hooks:
-                    hook.on_step_end(self, self.step, metrics)
-            self.run_eval()
-            if cfg.checkpoint.save_final and self.step > first_step:
-                self.save_checkpoint()
-            for hook in parts.hooks:
-                hook.on_train_end(self)
+                    hook.on_train_end(self)
         finally:
             self.metrics.close()
         return {"train": metrics, "eval": self.last_eval, "first_eval": first_eval, "step": self.step}
+
+    def _stop_if_signalled(self, signals: StopSignals, saved: bool) -> None:
+        """All ranks agree whether any got a stop signal; if so, checkpoint this step and stop."""
+        received = int(self.strategy.all_reduce_max(torch.tensor([signals.received])).item())
+        if not received:
+            return
+        if not saved:
+            self.save_checkpoint()
+        raise Preempted(received, self.step)
 
     def close(self) -> None:
         self.strategy.teardown()

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lowbit.trainer.byte_tokenizer import byte_tokenizer
@@ -165,3 +166,20 @@ def build_model(
     if model_cfg.gradient_checkpointing:
         enable_checkpointing(model)
     return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (what FSDP2 shards and ``train.compile`` compiles one by one):
+    transformers' ``_no_split_modules`` classes (the decoder layers), else the children of the
+    model's longest ``nn.ModuleList``."""
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in classes]
+    if layers:
+        return layers
+    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
+    if not lists:
+        raise UserError(
+            f"cannot find the decoder layers of {type(model).__name__} (no _no_split_modules and no "
+            "nn.ModuleList): strategy fsdp2 and train.compile need them; use ddp or deepspeed, without compile"
+        )
+    return list(max(lists, key=len))

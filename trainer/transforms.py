@@ -1,6 +1,6 @@
 """Model transforms: what turns the loaded model into the one that trains, in a fixed order.
 
-    loaded model ─> subln? ─> quant (QAT / BitNet rules) ─> nf4_base? ─> lora? ─> engine.wrap
+    loaded model ─> subln? ─> quant (QAT / BitNet rules) ─> nf4_base? ─> lora? ─> compile? ─> engine.wrap
 
 Each transform is registered with its place in that order and a test of the config that turns it
 on, and is applied to the *unwrapped* model before the engine wraps it, so sharding sees the
@@ -61,6 +61,18 @@ def quant_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
 
     assert cfg.quant is not None
     return TransformResult(apply_quantization(model, cfg.quant), [QuantSchedule(cfg.quant)])
+
+
+@register_transform("compile", order=90, enabled=lambda cfg: cfg.train.compile)
+def compile_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
+    """``torch.compile`` each decoder layer in place (names and parameters unchanged, so sharding,
+    checkpoints and rules see the same model), as torchtitan compiles per block before FSDP."""
+    from lowbit.trainer.model import decoder_layers
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return TransformResult(f"{len(layers)} decoder layers compiled with torch.compile")
 
 
 def apply_transforms(model: nn.Module, cfg: RunConfig, announce: bool) -> list[StepHook]:

@@ -10,23 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 
-from lowbit.trainer.config import StrategyConfig, TrainConfig
+from lowbit.trainer.config import StrategyConfig, TrainConfig, resolve_global_batch
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.strategies.base import Strategy, TrainedModules, launched_world_size
+from lowbit.trainer.strategies.launchers import launcher_engine, with_launcher_options
 
 # name -> module under lowbit.trainer.strategies that defines the class ``STRATEGY``
 ENGINES = {"single": "base", "ddp": "ddp", "fsdp2": "fsdp2", "deepspeed": "deepspeed"}
-
-
-def launcher_engine() -> str | None:
-    """The engine an ``accelerate launch`` config asked for (it only sets the environment), if any."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return "deepspeed"
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp2"
-    return None
 
 
 def resolve_name(cfg: StrategyConfig) -> str:
@@ -59,8 +50,11 @@ def build_strategy(cfg: StrategyConfig, train: TrainConfig | None = None) -> Str
         raise UserError(
             "strategy single was launched with several processes; use ddp, fsdp2, deepspeed (or auto)"
         )
+    train = train or TrainConfig()
+    resolve_global_batch(train, launched_world_size() if name != "single" else 1)
+    cfg = with_launcher_options(cfg, train, name)
     module = importlib.import_module(f"lowbit.trainer.strategies.{ENGINES[name]}")
-    return module.STRATEGY(cfg, train or TrainConfig())
+    return module.STRATEGY(cfg, train)
 
 
 def inference_strategy(cfg: StrategyConfig, train: TrainConfig | None = None) -> Strategy:
@@ -73,4 +67,12 @@ def inference_strategy(cfg: StrategyConfig, train: TrainConfig | None = None) ->
     return module.STRATEGY(plain, train or TrainConfig())
 
 
-__all__ = ["ENGINES", "Strategy", "TrainedModules", "build_strategy", "inference_strategy", "launched_world_size", "resolve_name"]
+__all__ = [
+    "ENGINES",
+    "Strategy",
+    "TrainedModules",
+    "build_strategy",
+    "inference_strategy",
+    "launched_world_size",
+    "resolve_name",
+]

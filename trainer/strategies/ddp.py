@@ -18,7 +18,8 @@ class DDPStrategy(DistributedStrategy):
     def wrap(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # Gradients live in DDP's all-reduce buckets instead of beside them: 4 bytes/param less.
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

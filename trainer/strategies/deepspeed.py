@@ -60,7 +60,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         trained = TrainedModules(model, objective).to(self.device)
         optimizer = build_optimizer(trained, self.train)
         self.scheduler = build_scheduler(optimizer, self.train)
-        config = deepspeed_config(self.train, self.options, self.world_size)
+        config = deepspeed_config(self.train, self.options, self.world_size, _hidden_size(model))
         engine, self.optimizer, _, _ = deepspeed.initialize(
             model=trained, optimizer=optimizer, lr_scheduler=self.scheduler, config=config,
             dist_init_required=False,
@@ -92,7 +92,9 @@ class DeepSpeedStrategy(DistributedStrategy):
             "fp16": {"enabled": str(dtype) == "torch.float16"},
             "steps_per_print": 2**31 - 1,
         }
-        engine = deepspeed.initialize(model=module.to(self.device), config=config, dist_init_required=False)[0]
+        engine = deepspeed.initialize(model=module.to(self.device), config=config, dist_init_required=False)[
+            0
+        ]
         engine.eval()
         self.frozen_engines.append(engine)  # keeps its partitioning hooks alive
         return module
@@ -150,6 +152,17 @@ class DeepSpeedStrategy(DistributedStrategy):
             prefix = "student."
             return {name[len(prefix) :]: t.cpu() for name, t in state.items() if name.startswith(prefix)}
         return super().consolidated_state_dict()
+
+
+def _hidden_size(model: nn.Module) -> int:
+    """The model's width (for bucket sizes), from its transformers config or its widest Linear."""
+    config = getattr(model, "config", None)
+    width = getattr(config, "hidden_size", None) or getattr(
+        getattr(config, "text_config", None), "hidden_size", None
+    )
+    if width:
+        return int(width)
+    return max((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), default=1024)
 
 
 def read_deepspeed_weights(checkpoint: Path) -> dict[str, Tensor]:

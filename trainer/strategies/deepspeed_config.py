@@ -37,9 +37,26 @@ REFUSED = {
 }
 
 
-def generated_config(train: TrainConfig, options: DeepSpeedConfig, world_size: int) -> dict[str, Any]:
-    """DeepSpeed's JSON for this run (``train.grad_accum_steps`` already resolved)."""
-    zero: dict[str, Any] = {"stage": options.stage}
+def generated_config(
+    train: TrainConfig, options: DeepSpeedConfig, world_size: int, hidden_size: int
+) -> dict[str, Any]:
+    """DeepSpeed's JSON for this run (``train.grad_accum_steps`` already resolved).
+
+    Communication buckets are sized from the model's width as the Hugging Face integration does
+    (``hidden²`` elements; ZeRO-3 prefetch ``0.9·hidden²``, parameters under ``10·hidden``
+    elements kept whole): DeepSpeed's fixed defaults (5e8 elements, 2 GB in fp32) dwarf every
+    other buffer of a model under a few billion parameters.
+    """
+    bucket = hidden_size * hidden_size
+    zero: dict[str, Any] = {
+        "stage": options.stage,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+    }
+    if options.stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=int(0.9 * bucket), stage3_param_persistence_threshold=10 * hidden_size
+        )
     if options.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": options.offload_optimizer}
     if options.offload_param != "none":
@@ -99,9 +116,11 @@ def merge_user_config(generated: dict[str, Any], user: dict[str, Any], source: s
     return _merge(generated, user)
 
 
-def deepspeed_config(train: TrainConfig, options: DeepSpeedConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(
+    train: TrainConfig, options: DeepSpeedConfig, world_size: int, hidden_size: int
+) -> dict[str, Any]:
     """The JSON handed to ``deepspeed.initialize``: generated, with ``options.config`` merged over it."""
-    generated = generated_config(train, options, world_size)
+    generated = generated_config(train, options, world_size, hidden_size)
     if options.config is None:
         return generated
     path = Path(options.config)

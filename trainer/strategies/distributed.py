@@ -14,6 +14,22 @@ from lowbit.trainer.config import StrategyConfig, TrainConfig
 from lowbit.trainer.strategies.base import Strategy, launched_world_size, pick_device
 
 
+def _launch_store(timeout: datetime.timedelta) -> dist.Store:
+    """The launcher's key-value store (``env://``), under a prefix unique to this launch attempt.
+
+    torchrun keeps its store across ``--max-restarts`` restarts, and the keys the previous
+    attempt's ranks published (their gloo addresses) are still in it: a restarted rank could read
+    a dead peer's address before the new peer wrote its own, and fail to connect ("Connection
+    refused", seen in 2 of 5 restarts here). Prefixing with the restart count gives each attempt
+    its own keys.
+    """
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"lowbit/attempt-{attempt}", store)
+
+
 class DistributedStrategy(Strategy):
     """Base of ddp, fsdp2 and deepspeed: one process per device, joined in a process group.
 
@@ -36,10 +52,10 @@ class DistributedStrategy(Strategy):
         self.owns_group = not dist.is_initialized()
         if self.owns_group:
             timeout = datetime.timedelta(seconds=cfg.timeout_s)
-            if launched:
-                dist.init_process_group(self.backend, timeout=timeout)
-            else:
-                dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            store = _launch_store(timeout) if launched else dist.HashStore()
+            dist.init_process_group(
+                self.backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout
+            )
 
     @property
     def backend(self) -> str:
@@ -65,6 +81,19 @@ class DistributedStrategy(Strategy):
         holder = [value if self.is_main else None]
         dist.broadcast_object_list(holder, src=0, device=self._collective_device())
         return holder[0]
+
+    def broadcast_parameters(self, module: nn.Module) -> None:
+        """Give every rank rank 0's values of a replicated module outside the engine (a loss
+        projection): ranks that built the student on the meta device drew no random numbers for
+        it, so their own initialisation of what follows differs."""
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+    def prepare(self, model: nn.Module, objective: nn.Module) -> nn.Module:
+        wrapped = super().prepare(model, objective)
+        assert self.objective is not None
+        self.broadcast_parameters(self.objective)
+        return wrapped
 
     def average_gradients(self, module: nn.Module | None) -> None:
         """All-reduce-average the gradients of a module no engine wraps (a loss projection)."""

@@ -3,7 +3,9 @@
 Layout as in torchtitan's ``apply_fsdp``: one FSDP unit per decoder layer, then the root (the
 embeddings, final norm and head). Each layer's weights are all-gathered just before its forward
 (and again before its backward when ``reshard_after_forward``), its gradients reduce-scattered
-after its backward; the optimizer steps on the local shards (DTensors). The root is not
+after its backward — after every micro-batch's backward, so they stay sharded (deferring it to
+the last micro-batch would keep full-size gradients on every rank through the accumulation);
+the optimizer steps on the local shards (DTensors). The root is not
 resharded after forward: the loss needs the head right after it (the fused head reads the
 gathered weight directly), and backward starts there.
 
@@ -13,8 +15,6 @@ shards in parallel, and loading reshards, so a run saved on N ranks resumes on M
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,28 +23,12 @@ from torch import Tensor, nn
 
 from lowbit.trainer.config import FSDP2Config, StrategyConfig, TrainConfig
 from lowbit.trainer.errors import UserError
-from lowbit.trainer.model import DTYPES
+from lowbit.trainer.model import DTYPES, decoder_layers
 from lowbit.trainer.optim import build_optimizer, build_scheduler
 from lowbit.trainer.strategies.base import TrainedModules
 from lowbit.trainer.strategies.distributed import DistributedStrategy
 
 DCP_DIR = "dcp"
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes (the
-    decoder layers), else the children of the model's longest ``nn.ModuleList``."""
-    classes = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [module for module in model.modules() if type(module).__name__ in classes]
-    if layers:
-        return layers
-    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
-    if not lists:
-        raise UserError(
-            f"strategy fsdp2: cannot find the decoder layers of {type(model).__name__} (no _no_split_modules "
-            "and no nn.ModuleList); use ddp or deepspeed for this model"
-        )
-    return list(max(lists, key=len))
 
 
 class FSDP2Strategy(DistributedStrategy):
@@ -125,6 +109,7 @@ class FSDP2Strategy(DistributedStrategy):
             for buffer in model.buffers():  # not in the state dict (rotary inv_freq): rank 0's values
                 dist.broadcast(buffer.data, src=0)
         del full_state
+        self.broadcast_parameters(self.objective)
         self.optimizer = build_optimizer(self.model, self.train, self.objective)
         self.scheduler = build_scheduler(self.optimizer, self.train)
         return self.model
@@ -143,15 +128,6 @@ class FSDP2Strategy(DistributedStrategy):
         module.to(self.device)
         self._shard(module, True, mixed_precision=False)
         return module
-
-    @contextlib.contextmanager
-    def micro_step(self, sync: bool) -> Iterator[None]:
-        assert self.model is not None
-        self.model.set_requires_gradient_sync(sync)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
 
     def backward(self, loss: Tensor) -> None:
         # reduce-scatter averages over the ranks; the loss is already the global mean.

@@ -1,0 +1,59 @@
+"""One launch of the engine runner serves every engine × method test (starting processes is
+what costs; see ``engine_runner``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.distributed.engine_runner import METHODS
+
+ENGINE_NAMES = ["ddp", "fsdp2", "fsdp2_keep", "zero1", "zero2", "zero3"]
+METHOD_NAMES = ["plain", "masked", "qat_w4a8", "qat_lsq_int3", "kd"]
+EXTRA_PAIRS = [
+    "fsdp2:kd_sharded_teacher",
+    "zero3:kd_sharded_teacher",
+    "fsdp2:qat_probe",
+    "fsdp2_keep:qat_probe",
+    "zero3:qat_probe",
+]
+assert set(METHOD_NAMES) <= set(METHODS)
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 900, extra: tuple[str, ...] = ()):
+    """``torchrun --standalone --nproc_per_node N [extra] -m ARGS`` from the repo root."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+         "-m", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def engine_runs(tmp_path_factory):
+    """Every engine × method trained in 2 processes, and every method in 1 (the reference)."""
+    out = tmp_path_factory.mktemp("engines")
+    pairs = [f"{engine}:{method}" for engine in ENGINE_NAMES for method in METHOD_NAMES] + EXTRA_PAIRS
+    two = torchrun("tests.distributed.engine_runner", "equivalence", str(out), *pairs)
+    assert two.returncode == 0, two.stderr[-6000:]
+    one = torchrun(
+        "tests.distributed.engine_runner",
+        "equivalence",
+        str(out),
+        *[f"single:{m}" for m in METHOD_NAMES],
+        nproc=1,
+    )
+    assert one.returncode == 0, one.stderr[-6000:]
+    return out
+
+
+def losses(run_dir) -> list[float]:
+    """Per-step training losses from a run's metrics.jsonl."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]

@@ -1,0 +1,73 @@
+"""Every engine runs every method: 2 gloo processes give the 1-process losses at equal global batch,
+sharding really shards, and fake quant uses the current weights under sharding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.distributed.conftest import ENGINE_NAMES, METHOD_NAMES, losses, torchrun
+
+pytestmark = pytest.mark.distributed
+
+# Per-step losses of the 2-process run vs the 1-process run (global batch 8: 4 × 2 accumulation
+# in one process, 2 × 2 × 2 in two). The two differ only in the order fp32 gradients are summed
+# (within a rank, then across ranks by the engine's all-reduce / reduce-scatter), a few ulps of
+# each gradient; after 6 AdamW steps at lr 3e-3 that moves a loss of ~5 by < 2e-6 (measured at
+# most 1.6e-6 over all 34 runs). The bound 1e-5 leaves 6x room and still fails on any real error
+# (a wrong token count, a missed reduction, a stale weight: >= 1e-3). QAT gets 1e-4: a weight that
+# an ulp moves across a rounding boundary of the 3/4-bit grid changes by a whole grid step.
+TOLERANCE = {"plain": 1e-5, "masked": 1e-5, "kd": 1e-5, "qat_w4a8": 1e-4, "qat_lsq_int3": 1e-4}
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_two_processes_give_the_one_process_losses(engine_runs, engine, method):
+    one, two = losses(engine_runs / "single" / method), losses(engine_runs / engine / method)
+    assert len(one) == len(two) == 6
+    worst = max(abs(a - b) for a, b in zip(one, two))
+    assert worst < TOLERANCE[method], (engine, method, one, two)
+    assert one[-1] < one[0]  # it trains
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_a_teacher_sharded_for_inference_gives_the_replicated_teachers_losses(engine_runs, engine):
+    one, sharded = losses(engine_runs / "single" / "kd"), losses(engine_runs / engine / "kd_sharded_teacher")
+    assert max(abs(a - b) for a, b in zip(one, sharded)) < TOLERANCE["kd"]
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp2_keep", "zero3"])
+def test_each_forward_fake_quantizes_the_current_full_weight_after_every_step(engine_runs, engine):
+    """Under sharding the gathered weight is refilled in place each step (same version, often the
+    same memory): the cache keyed on (_version, data_ptr) that lowbit had served the previous
+    step's weights (this check counted 378 stale forwards at step 3 with it). Per step: forwards
+    whose weight differs from fake_quant(current full weight)."""
+    mismatches = (engine_runs / engine / "qat_probe" / "forward_weights.txt").read_text().split()
+    assert mismatches == ["0"] * 6
+
+
+# Per-rank bytes of parameters + gradients + optimizer state (AdamW: 2 states), fp32 (4 bytes),
+# Ψ parameters, N = 2 ranks, counted just before an optimizer step. DeepSpeed keeps an fp32
+# master copy of its partition beside the model's own (fp32) parameters; FSDP2 steps the fp32
+# shards themselves.
+FORMULAS = {
+    "ddp": lambda p, n: 16 * p,  # params 4Ψ + grads 4Ψ + Adam 8Ψ
+    "fsdp2": lambda p, n: 16 * p / n,  # all of it sharded
+    "fsdp2_keep": lambda p, n: 16 * p / n,  # same at rest; gathered layers are freed after backward
+    "zero1": lambda p, n: 8 * p + 12 * p / n,  # params + grads whole; master + Adam sharded
+    "zero2": lambda p, n: 4 * p + 16 * p / n,  # params whole; grads, master, Adam sharded
+    "zero3": lambda p, n: 20 * p / n,  # params, master, grads, Adam sharded
+}
+
+
+def test_each_engine_holds_the_bytes_its_formula_says(tmp_path):
+    done = torchrun("tests.distributed.engine_runner", "memory", str(tmp_path), *FORMULAS)
+    assert done.returncode == 0, done.stderr[-6000:]
+    results = json.loads((tmp_path / "memory.json").read_text())
+    for engine, formula in FORMULAS.items():
+        params, counted = results[engine]["params"], results[engine]["bytes"]
+        assert params > 19_000_000  # a model of a few tens of millions of parameters
+        expected = formula(params, 2)
+        assert abs(counted - expected) <= 0.10 * expected, (engine, counted / expected)
+    assert results["zero3"]["bytes"] < 0.7 * results["ddp"]["bytes"]
