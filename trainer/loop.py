@@ -24,7 +24,7 @@ from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import MetricsLogger, setup_console_logging
 from lowbit.trainer.preemption import Preempted, StopSignals
-from lowbit.trainer.quantization import load_or_measure_baselines, quantizers_enabled, recovered
+from lowbit.trainer.quantization import quantizers_enabled, recovered
 from lowbit.trainer.strategies import Strategy, build_strategy
 
 logger = logging.getLogger("lowbit")
@@ -119,13 +119,13 @@ class Trainer:
         metrics.update(tokens=int(input_tokens), tokens_per_s=input_tokens / elapsed, step_time_s=elapsed)
         return metrics
 
-    def _evaluate(self, quantized: bool | None = None) -> dict[str, float]:
-        """Validation metrics; ``quantized`` forces fake quant on/off (None: as configured)."""
+    def evaluate(self, quantized: bool = True) -> dict[str, float]:
+        """Validation metrics. Fake quant is on (a QAT model is judged as it will be deployed, also
+        before its schedule enables it for training); ``quantized=False`` measures the float model.
+        Both are no-ops for a model without quantizers."""
         assert self.parts.val is not None
         batch_size = self.cfg.eval.batch_size or self.cfg.train.micro_batch_size
-        if quantized is None:
-            quantized = self.cfg.quant is not None  # a QAT model is judged as it will be deployed
-        with quantizers_enabled(self.parts.model, quantized):  # a no-op for a model without quantizers
+        with quantizers_enabled(self.parts.model, quantized):
             return evaluate(
                 self.parts.model, self.parts.val, batch_size, self.strategy, self.cfg.train.precision
             )
@@ -134,7 +134,7 @@ class Trainer:
         """Evaluate on the validation split (if any) and log it at the current step."""
         if self.parts.val is None:
             return {}
-        self.last_eval = self._evaluate()
+        self.last_eval = self.evaluate()
         if self.baselines:
             share = recovered(self.last_eval["val_ppl"], self.baselines)
             if share is not None:
@@ -168,9 +168,7 @@ class Trainer:
         max_steps = cfg.train.max_steps
         self.metrics.start(max_steps, self.step)
         for hook in parts.hooks:
-            hook.on_train_start(self)
-        if cfg.quant is not None and cfg.quant.baselines and parts.val is not None:
-            self.baselines = load_or_measure_baselines(self, self._evaluate)
+            hook.on_train_start(self)  # the QAT schedule measures its float/PTQ baselines here
         first_eval: dict[str, float] = {}
         if cfg.eval.at_start and self.step == 0:
             first_eval = self.run_eval()

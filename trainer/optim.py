@@ -10,11 +10,14 @@ from torch import nn
 from lowbit.trainer.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, *extra: nn.Module) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, *extra: nn.Module, adamw: type[torch.optim.Optimizer] | None = None
+) -> torch.optim.Optimizer:
     """AdamW where matrices decay and 1-D parameters (biases, norm gains) do not.
 
     ``extra`` modules (a loss term's learned projection) are optimised alongside the model.
     Frozen parameters (``requires_grad=False``: a teacher, a quantized base) get no state.
+    ``adamw``: another implementation of the same update (DeepSpeed's CPU Adam for ZeRO-Offload).
     """
     trainable = [p for module in (model, *extra) for p in module.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
@@ -23,7 +26,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, *extra: nn.Module) -> to
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
+    return (adamw or torch.optim.AdamW)(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
     )
 

@@ -56,9 +56,11 @@ def quantizers_enabled(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 class QuantSchedule(StepHook):
-    """Fake quant off before ``enable_after_steps``, on after; scales frozen from a given step."""
+    """Fake quant off before ``enable_after_steps``, on after; scales frozen from a given step; the
+    float and PTQ baselines measured (or read back) when training starts."""
 
     def __init__(self, cfg: QuantConfig) -> None:
+        self.measure_baselines = cfg.baselines
         self.enable_after = cfg.enable_after_steps
         self.freeze_after = cfg.freeze_scales_after_steps
         self.frozen = False
@@ -75,6 +77,8 @@ class QuantSchedule(StepHook):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self._apply(trainer, trainer.step)
+        if self.measure_baselines and trainer.parts.val is not None:
+            trainer.baselines = load_or_measure_baselines(trainer, trainer.evaluate)
 
     def on_step_start(self, trainer: Trainer, step: int) -> None:
         self._apply(trainer, step)

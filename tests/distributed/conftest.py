@@ -14,14 +14,19 @@ from tests.conftest import ROOT
 from tests.distributed.engine_runner import METHODS
 
 ENGINE_NAMES = ["ddp", "fsdp2", "fsdp2_keep", "zero1", "zero2", "zero3"]
-METHOD_NAMES = ["plain", "masked", "qat_w4a8", "qat_lsq_int3", "kd"]
-EXTRA_PAIRS = [
-    "fsdp2:kd_sharded_teacher",
-    "zero3:kd_sharded_teacher",
-    "fsdp2:qat_probe",
-    "fsdp2_keep:qat_probe",
-    "zero3:qat_probe",
+METHOD_NAMES = ["plain", "masked", "qat_w4a8", "qat_lsq_int3", "kd", "kd_relation", "qad"]
+# (engine, method, the 1-process method it must match)
+EXTRA_RUNS = [
+    ("hsdp", "plain", "plain"),
+    ("fsdp2_checkpointing", "plain", "plain"),
+    ("zero3_offload", "plain", "plain"),
+    ("fsdp2", "kd_sharded_teacher", "kd"),
+    ("zero3", "kd_sharded_teacher", "kd"),
+    ("ddp", "kd_topk_cache", "kd_topk_cache"),
+    ("fsdp2", "kd_topk_cache", "kd_topk_cache"),
+    ("zero3", "kd_topk_cache", "kd_topk_cache"),
 ]
+PROBES = ["fsdp2", "fsdp2_keep", "zero3"]  # engines whose forwards are checked against fresh weights
 assert set(METHOD_NAMES) <= set(METHODS)
 
 
@@ -39,17 +44,14 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 900, extra: tuple[str,
 def engine_runs(tmp_path_factory):
     """Every engine × method trained in 2 processes, and every method in 1 (the reference)."""
     out = tmp_path_factory.mktemp("engines")
-    pairs = [f"{engine}:{method}" for engine in ENGINE_NAMES for method in METHOD_NAMES] + EXTRA_PAIRS
+    pairs = [f"{engine}:{method}" for engine in ENGINE_NAMES for method in METHOD_NAMES]
+    pairs += [f"{engine}:{method}" for engine, method, _ in EXTRA_RUNS] + [f"{e}:qat_probe" for e in PROBES]
+    references = [f"single:{m}" for m in METHOD_NAMES] + ["single:kd_topk_cache"]
+    # the 1-process run first: it builds the teacher cache both read
+    one = torchrun("tests.distributed.engine_runner", "equivalence", str(out), *references, nproc=1)
+    assert one.returncode == 0, one.stderr[-6000:]
     two = torchrun("tests.distributed.engine_runner", "equivalence", str(out), *pairs)
     assert two.returncode == 0, two.stderr[-6000:]
-    one = torchrun(
-        "tests.distributed.engine_runner",
-        "equivalence",
-        str(out),
-        *[f"single:{m}" for m in METHOD_NAMES],
-        nproc=1,
-    )
-    assert one.returncode == 0, one.stderr[-6000:]
     return out
 
 

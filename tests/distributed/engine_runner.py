@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from lowbit.trainer.config import load_config
 from lowbit.trainer.loop import Trainer
+from lowbit.trainer.teacher_cache import build_cache
 from tests.conftest import TINY, tiny_overrides
 
 ENGINES = {
@@ -33,6 +34,15 @@ ENGINES = {
     "zero1": ["strategy.name=deepspeed", "strategy.deepspeed.stage=1"],
     "zero2": ["strategy.name=deepspeed", "strategy.deepspeed.stage=2"],
     "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.stage=3"],
+    # options of the engines, each against the 1-process run
+    "hsdp": ["strategy.name=fsdp2", "strategy.fsdp2.replicate=2"],  # 2 replicas of a 1-rank shard group
+    "fsdp2_checkpointing": ["strategy.name=fsdp2", "model.gradient_checkpointing=true"],
+    "zero3_offload": [
+        "strategy.name=deepspeed",
+        "strategy.deepspeed.stage=3",
+        "strategy.deepspeed.offload_optimizer=cpu",
+        "strategy.deepspeed.offload_param=cpu",
+    ],  # fmt: skip
 }
 WIDE_TEACHER = (
     "teacher.config={model_type: llama, vocab_size: 262, hidden_size: 96, intermediate_size: 128, "
@@ -53,6 +63,28 @@ METHODS = {
         "learn_scale: true, scale_init: mse}}]}"
     ],
     "kd": KD,  # kd_kl + hidden states through a learned projection + the fused head
+    # generalized JSD + MiniLM-style Q/K/V relations of student layer 1 and teacher layer 3
+    "kd_relation": [
+        WIDE_TEACHER,
+        "teacher.tokenizer=byte",
+        "loss=[{kind: ce, weight: 0.5}, {kind: kd_jsd, weight: 0.5, temperature: 2.0}, "
+        "{kind: attn_relation, weight: 0.5, layer_map: [[1, 3]], relation_heads: 8}]",
+    ],
+    # QAD: w4a8 QAT + forward KL through the fused head
+    "qad": [
+        'quant={rules: [{match: "*", weight: w4a8, activation: w4a8}]}',
+        WIDE_TEACHER,
+        "teacher.tokenizer=byte",
+        "loss=[{kind: ce, weight: 0.5}, {kind: kd_kl, weight: 0.5, temperature: 2.0}]",
+        "train.fused_head_chunk=64",
+    ],
+    # the teacher's top-k logits read from an offline cache (built once by rank 0, see `equivalence`)
+    "kd_topk_cache": [
+        WIDE_TEACHER,
+        "teacher.tokenizer=byte",
+        "teacher.cache={out}/teacher_cache",
+        "loss=[{kind: ce, weight: 0.5}, {kind: kd_topk, weight: 0.5, k: 8, temperature: 2.0}]",
+    ],
     "kd_sharded_teacher": [*KD, "strategy.teacher=sharded"],
     "masked": ["data.train_files=[{out}/sft.jsonl]", "data.seq_len=96"],  # uneven target counts per rank
     # w4a8 QAT, checking after every step that each layer's forward used fake_quant(current full weight)
@@ -97,6 +129,8 @@ def equivalence(out: Path, pairs: list[str]) -> None:
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         variable_length_chat(out / "sft.jsonl")
+        if any(pair.endswith(":kd_topk_cache") for pair in pairs) and not (out / "teacher_cache").is_dir():
+            build_cache(scenario(out, "single", "kd_topk_cache", 1))
     dist.barrier()
     for pair in pairs:
         engine, method = pair.split(":")

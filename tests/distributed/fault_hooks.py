@@ -62,9 +62,10 @@ class CheckForwardWeights(StepHook):
         for name, module in self._layers(trainer):
             original = module.quantized_weight
 
-            def record(original=original, name=name):
+            def record(original=original, name=name, module=module):
                 weight = original()
-                self.used.setdefault(name, []).append(weight.detach().clone())
+                if module.training:  # the step's forwards, not the evaluation after its update
+                    self.used.setdefault(name, []).append(weight.detach().clone())
                 return weight
 
             module.quantized_weight = record

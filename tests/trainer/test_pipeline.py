@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from lowbit.quant import FakeQuantLinear
 from lowbit.trainer import checkpoint as ckpt

@@ -50,6 +50,8 @@ from tests.conftest import TINY, run_cli, tiny_overrides
         ),
         (["strategy.teacher=sharded", "strategy.name=fsdp2"], "no teacher runs"),
         (["train.global_batch_size=0"], "train.global_batch_size must be at least 1"),
+        (["strategy.name=fsdp2", "strategy.fsdp2.cpu_offload=true", "strategy.device=cpu"],
+         "this run computes on the CPU, where it already is: drop strategy.fsdp2.cpu_offload"),
     ],
 )
 def test_impossible_engine_settings_exit_2_naming_the_fix_before_anything_is_written(

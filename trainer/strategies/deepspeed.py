@@ -58,7 +58,10 @@ class DeepSpeedStrategy(DistributedStrategy):
 
         self.objective = objective
         trained = TrainedModules(model, objective).to(self.device)
-        optimizer = build_optimizer(trained, self.train)
+        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam (adamw_mode,
+        # the same decoupled update), which DeepSpeed requires there instead of torch's.
+        offload = self.options.offload_optimizer != "none"
+        optimizer = build_optimizer(trained, self.train, adamw=_cpu_adam() if offload else None)
         self.scheduler = build_scheduler(optimizer, self.train)
         config = deepspeed_config(self.train, self.options, self.world_size, _hidden_size(model))
         engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -152,6 +155,12 @@ class DeepSpeedStrategy(DistributedStrategy):
             prefix = "student."
             return {name[len(prefix) :]: t.cpu() for name, t in state.items() if name.startswith(prefix)}
         return super().consolidated_state_dict()
+
+
+def _cpu_adam():
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam
 
 
 def _hidden_size(model: nn.Module) -> int:

@@ -47,6 +47,11 @@ class FSDP2Strategy(DistributedStrategy):
                 f"strategy.fsdp2.replicate={replicate} does not divide the {self.world_size} ranks; "
                 f"choose a divisor of {self.world_size} (e.g. the number of nodes)"
             )
+        if self.options.cpu_offload and self.device.type == "cpu":
+            raise UserError(
+                "strategy.fsdp2.cpu_offload moves sharded state from the GPU to CPU memory, but this run computes "
+                "on the CPU, where it already is: drop strategy.fsdp2.cpu_offload (or run on GPUs)"
+            )
         reshard = self.options.reshard_after_forward
         shard_size = self.world_size // replicate
         if not isinstance(reshard, bool) and shard_size % reshard:
