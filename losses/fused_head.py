@@ -45,6 +45,10 @@ class HeadInputs:
     teacher_hidden: Tensor | None = None
     teacher_head: Callable[[Tensor], Tensor] | None = None
     chunk_size: int = 1024
+    #: Run at least this many chunks (the extra ones empty). Where calling a head is a collective
+    #: (a ZeRO-3 engine gathers its weight in each call), every rank must call it equally often,
+    #: though ranks count different numbers of tokens.
+    min_chunks: int = 0
 
 
 def linear_parts(head: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None] | None:
@@ -57,6 +61,12 @@ def linear_parts(head: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | Non
         return None
     weight = head.quantized_weight() if hasattr(head, "quantized_weight") else head.weight
     return weight, head.bias
+
+
+def chunk_starts(rows: int, chunk: int, min_chunks: int) -> list[int]:
+    """Start rows of the chunks over ``rows`` rows, padded with empty chunks (start = rows) to ``min_chunks``."""
+    starts = list(range(0, rows, chunk))
+    return starts + [rows] * max(0, min_chunks - len(starts))
 
 
 def _backend() -> str:
@@ -119,13 +129,13 @@ class _LinearHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_rows, targets, loss_and_grad, teacher_head, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, teacher_rows, targets, loss_and_grad, teacher_head, chunk, min_chunks):  # type: ignore[override]
         needs = ctx.needs_input_grad
         grad_hidden = torch.zeros_like(hidden) if needs[0] else None
         grad_weight = torch.zeros_like(weight) if needs[1] else None
         grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
         total, sums = None, None
-        for start in range(0, hidden.shape[0], chunk):
+        for start in chunk_starts(hidden.shape[0], chunk, min_chunks):
             piece = slice(start, start + chunk)
             rows = hidden[piece]
             logits = F.linear(rows, weight, bias)
@@ -152,7 +162,7 @@ class _LinearHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_sums):  # type: ignore[override]
         stored = iter(ctx.saved_tensors)
         grads = [next(stored) * grad_total if present else None for present in ctx.present]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def head_chunked_sums(
@@ -173,14 +183,14 @@ def head_chunked_sums(
         teacher = head.teacher_hidden[..., :-1, :].reshape(-1, teacher_width).index_select(0, keep).detach()
     targets = targets.index_select(0, keep)
     step = max(1, head.chunk_size)
-    if student.shape[0] == 0:
+    if student.shape[0] == 0 and head.min_chunks == 0:
         zero = student.sum() * 0  # keeps the graph connected (DDP expects every step to reach the head)
         return zero, [zero.detach() for _ in terms]
     linear = linear_parts(head.student_head)
     if linear is not None:
         loss_and_grad = chunk_grad_function(terms, weights, student.device)
         total, sums = _LinearHeadLoss.apply(
-            student, *linear, teacher, targets, loss_and_grad, head.teacher_head, step
+            student, *linear, teacher, targets, loss_and_grad, head.teacher_head, step, head.min_chunks
         )
         return total, list(sums.unbind())
     return _checkpointed_sums(terms, weights, head, student, teacher, targets, step)
@@ -199,7 +209,7 @@ def _checkpointed_sums(terms, weights, head, student, teacher, targets, step) ->
         return torch.stack([term.rows(logits, teacher_logits, chunk_targets).float() for term in terms])
 
     sums = torch.zeros(len(terms), device=student.device)
-    for start in range(0, student.shape[0], step):
+    for start in chunk_starts(student.shape[0], step, head.min_chunks):
         piece = slice(start, start + step)
         teacher_piece = None if teacher is None else teacher[piece]
         sums = sums + checkpoint(

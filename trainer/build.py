@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.losses import ModelShapes, Objective, build_objective
 from lowbit.losses.kd_terms import TopKTerm
-from lowbit.trainer.config import RunConfig, resolve_global_batch
+from lowbit.trainer.config import RunConfig
 from lowbit.trainer.data import Examples, StepBatches, load_splits
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.hooks import StepHook, build_hooks
@@ -176,7 +176,6 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
     """Everything a run needs, in order: the model and its transforms, the objective, the engine."""
     import_plugins(cfg.imports)
     seed_everything(cfg.train.seed)
-    resolve_global_batch(cfg.train, strategy.world_size)
     try:
         objective = build_objective(cfg.loss)
         hooks = build_hooks(cfg.hooks)
@@ -184,16 +183,18 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
         raise UserError(f"loss/hooks: {error}") from None
     built = build_model_and_data(cfg, strategy)
     # Transforms act on the unwrapped model, before the engine shards it or builds the optimizer.
-    hooks = apply_transforms(built.model, cfg, announce=strategy.is_main) + hooks
+    transformed = apply_transforms(built.model, cfg, announce=strategy.is_main)
+    hooks = transformed.hooks + hooks
     check_teacher_inputs(objective, built)
     try:
         objective.configure(model_shapes(built.model, built.teacher))
     except ValueError as error:
         raise UserError(f"loss: {error}") from None
-    model = strategy.prepare(built.model, objective)
+    model = strategy.prepare(built.model, objective, unused_parameters=transformed.unused_parameters)
     loss_step = LossStep(
         objective, built.teacher, built.teacher_cache, strategy.unwrap, strategy.device,
         cfg.train.precision, cfg.train.fused_head_chunk, strategy.gathers_in_module_forward,
+        strategy.max_over_ranks if strategy.collective_head_calls else None,
     )  # fmt: skip
     batches = StepBatches(
         built.train,

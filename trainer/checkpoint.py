@@ -119,16 +119,27 @@ def write_run_files(staging: Path, state: TrainerState, config_yaml: str) -> Non
     (staging / "config.yaml").write_text(config_yaml)
 
 
-def finalize(staging: Path, keep_last: int) -> Path:
-    """Write the manifest (making the checkpoint complete), rename into place, prune old ones."""
-    files = {}
-    for path in _files(staging):
+def file_digests(staging: Path, files: list[Path]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each file (relative to ``staging``), each fsynced first."""
+    digests = {}
+    for path in files:
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
-        files[str(path.relative_to(staging))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        digests[str(path.relative_to(staging))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return digests
+
+
+def finalize(staging: Path, keep_last: int, digests: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write the manifest (making the checkpoint complete), rename into place, prune old ones.
+
+    ``digests`` already computed (by the ranks, in parallel) are used; the rest are computed here.
+    """
+    known = digests or {}
+    rest = [path for path in _files(staging) if str(path.relative_to(staging)) not in known]
+    files = {**known, **file_digests(staging, rest)}
     manifest = staging / MANIFEST
     with manifest.open("w") as handle:
-        json.dump({"files": files}, handle, indent=2)
+        json.dump({"files": dict(sorted(files.items()))}, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())
     _fsync_dir(staging)
@@ -142,13 +153,13 @@ def finalize(staging: Path, keep_last: int) -> Path:
     return final
 
 
-def save(
-    strategy: Strategy, run_dir: Path, state: TrainerState, config_yaml: str, keep_last: int
-) -> Path | None:
+def save(strategy: Strategy, run_dir: Path, state: TrainerState, config_yaml: str, keep_last: int) -> Path | None:
     """Collective: write a checkpoint of the current step; returns its path on rank 0.
 
-    The staging directory must be visible to every rank (one shared filesystem, as DCP and
-    DeepSpeed assume on several nodes).
+    Every rank hashes (and fsyncs) a share of the written files in parallel — a sharded checkpoint
+    of many GB would otherwise keep rank 0 hashing, and every rank waiting, long past a
+    preemption's grace period. The staging directory must be visible to every rank (one shared
+    filesystem, as DCP and DeepSpeed assume on several nodes).
     """
     staging = staging_dir(run_dir, state.step)
     if strategy.is_main:
@@ -158,10 +169,14 @@ def save(
     strategy.save_checkpoint(staging)
     write_rank_files(staging, strategy.rank)
     strategy.barrier()
+    share = _files(staging)[strategy.rank :: strategy.world_size]
+    digests: dict[str, dict[str, Any]] = {}
+    for part in strategy.all_gather_object(file_digests(staging, share)):
+        digests.update(part)
     final = None
     if strategy.is_main:
         write_run_files(staging, state, config_yaml)
-        final = finalize(staging, keep_last)
+        final = finalize(staging, keep_last, digests)
         logger.info("saved %s", final)
     strategy.barrier()
     return final
@@ -266,36 +281,9 @@ def restore(strategy: Strategy, checkpoint: Path) -> TrainerState:
 def load_weights(checkpoint: Path, model: nn.Module) -> None:
     """Verify ``checkpoint`` and load the student's weights into a plain ``model``, in one process,
     whichever engine wrote it (a sharded checkpoint is reassembled: what eval and export read)."""
+    from lowbit.trainer.strategies import read_weights
+
     problem = verify(checkpoint)
     if problem is not None:
         raise UserError(f"checkpoint {checkpoint} cannot be loaded: {problem}")
-    layout = read_state(checkpoint).layout
-    if layout == "safetensors":
-        from lowbit.trainer.strategies.base import load_safetensors_weights
-
-        load_safetensors_weights(checkpoint, model)
-    elif layout == "dcp":
-        from lowbit.trainer.strategies.fsdp2 import read_dcp_weights
-
-        read_dcp_weights(checkpoint, model)
-    elif layout == "deepspeed":
-        from lowbit.trainer.strategies.deepspeed import read_deepspeed_weights
-
-        weights = read_deepspeed_weights(checkpoint)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {name for name in missing if _is_tied(model, name)}
-        if set(missing) - tied or unexpected:
-            raise UserError(
-                f"checkpoint {checkpoint} does not fit this model: missing {sorted(set(missing) - tied)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}; was it saved from a different model config?"
-            )
-    else:
-        raise UserError(f"checkpoint {checkpoint}: unknown layout {layout!r} (written by a newer lowbit?)")
-
-
-def _is_tied(model: nn.Module, name: str) -> bool:
-    """Whether parameter ``name`` shares its tensor with another (a head tied to the embeddings),
-    which DeepSpeed's consolidated state dict lists once."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    target = params.get(name)
-    return target is not None and sum(param is target for param in params.values()) > 1
+    read_weights(read_state(checkpoint).layout, checkpoint, model)

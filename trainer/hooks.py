@@ -8,6 +8,7 @@ Quantization uses the same points ("enable fake quant after step N").
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from lowbit.losses.registry import Registry
@@ -32,6 +33,13 @@ class StepHook:
 
     def on_train_end(self, trainer: Trainer) -> None:
         """After the final eval and checkpoint."""
+
+    def eval_context(self, trainer: Trainer) -> contextlib.AbstractContextManager:
+        """A context around each validation pass (QAT: fake quant on, as the model will be deployed)."""
+        return contextlib.nullcontext()
+
+    def on_eval(self, trainer: Trainer, results: dict[str, float]) -> None:
+        """After each validation pass, before it is logged: add to ``results`` (QAT: ``recovered``)."""
 
 
 def build_hooks(specs: list[dict[str, Any]]) -> list[StepHook]:

@@ -9,6 +9,7 @@ engine finish the step (clip, optimizer, schedule), log, evaluate, checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -24,7 +25,6 @@ from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import MetricsLogger, setup_console_logging
 from lowbit.trainer.preemption import Preempted, StopSignals
-from lowbit.trainer.quantization import quantizers_enabled, recovered
 from lowbit.trainer.strategies import Strategy, build_strategy
 
 logger = logging.getLogger("lowbit")
@@ -39,17 +39,11 @@ class Trainer:
         setup_console_logging(self.strategy.is_main)
         self.run_dir = Path(cfg.run.output_dir)
         self.config_yaml = to_yaml(cfg)
-        # Rank 0 verifies (hashes) the checkpoint once and tells the others which one it chose.
-        choice = ckpt.choose_resume(cfg.checkpoint.resume, self.run_dir) if self.strategy.is_main else None
-        resume_from = self.strategy.broadcast_object(None if choice is None else str(choice))
-        if self.strategy.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
-        self.strategy.barrier()  # nobody writes to the run dir before every rank has looked at it
+        resume_from = self._choose_resume()
         self.parts: Components = build_components(cfg, self.strategy)
         self.step = 0
         if resume_from is not None:
-            state = ckpt.restore(self.strategy, Path(resume_from))
+            state = ckpt.restore(self.strategy, resume_from)
             self.step = state.step
             if state.global_batch_size != self.parts.train_batches.global_batch_size:
                 logger.warning(
@@ -58,19 +52,36 @@ class Trainer:
                     self.parts.train_batches.global_batch_size,
                 )
             logger.info("resumed from %s at step %d", resume_from, self.step)
+        # Written once everything is built and resumed: a run that cannot start changes nothing.
+        self.strategy.barrier()
         if self.strategy.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
             logger.info("%s", self.describe())
         run_name = cfg.run.name or self.run_dir.name
         self.metrics = MetricsLogger(cfg.log, self.run_dir, run_name, config_dict(cfg), self.strategy.is_main)
         self.last_eval: dict[str, float] = {}
-        self.baselines: dict[str, float] = {}
+
+    def _choose_resume(self) -> Path | None:
+        """Rank 0 verifies (hashes) the checkpoint to resume from, once, and tells the others which
+        one it chose — or the problem, which every rank then raises (none is left waiting)."""
+        choice: str | None = None
+        problem: str | None = None
+        if self.strategy.is_main:
+            try:
+                found = ckpt.choose_resume(self.cfg.checkpoint.resume, self.run_dir)
+                choice = None if found is None else str(found)
+            except UserError as error:
+                problem = str(error)
+        choice, problem = self.strategy.broadcast_object((choice, problem))
+        if problem is not None:
+            raise UserError(problem)
+        return None if choice is None else Path(choice)
 
     def describe(self) -> str:
         """One line on what runs: engine, ranks, global batch, parameters, run directory."""
         strategy, batches = self.strategy, self.parts.train_batches
-        student = strategy.unwrap(self.parts.model)
-        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in student.parameters()]
-        total, trained = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
+        total, trained = strategy.count_parameters(self.parts.model)
         return (
             f"engine {strategy.engine} on {strategy.world_size} rank(s) ({strategy.device.type}) | global batch "
             f"{batches.global_batch_size} = {batches.micro_batch_size} micro × {batches.grad_accum_steps} accum × "
@@ -119,26 +130,22 @@ class Trainer:
         metrics.update(tokens=int(input_tokens), tokens_per_s=input_tokens / elapsed, step_time_s=elapsed)
         return metrics
 
-    def evaluate(self, quantized: bool = True) -> dict[str, float]:
-        """Validation metrics. Fake quant is on (a QAT model is judged as it will be deployed, also
-        before its schedule enables it for training); ``quantized=False`` measures the float model.
-        Both are no-ops for a model without quantizers."""
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity of the model as it is now."""
         assert self.parts.val is not None
         batch_size = self.cfg.eval.batch_size or self.cfg.train.micro_batch_size
-        with quantizers_enabled(self.parts.model, quantized):
-            return evaluate(
-                self.parts.model, self.parts.val, batch_size, self.strategy, self.cfg.train.precision
-            )
+        return evaluate(self.parts.model, self.parts.val, batch_size, self.strategy, self.cfg.train.precision)
 
     def run_eval(self) -> dict[str, float]:
-        """Evaluate on the validation split (if any) and log it at the current step."""
+        """Evaluate on the validation split (if any), inside the hooks' eval contexts, and log it."""
         if self.parts.val is None:
             return {}
-        self.last_eval = self.evaluate()
-        if self.baselines:
-            share = recovered(self.last_eval["val_ppl"], self.baselines)
-            if share is not None:
-                self.last_eval["recovered"] = share
+        with contextlib.ExitStack() as contexts:
+            for hook in self.parts.hooks:
+                contexts.enter_context(hook.eval_context(self))
+            self.last_eval = self.evaluate()
+        for hook in self.parts.hooks:
+            hook.on_eval(self, self.last_eval)
         self.metrics.log_eval(self.step, self.last_eval)
         return self.last_eval
 
@@ -168,7 +175,7 @@ class Trainer:
         max_steps = cfg.train.max_steps
         self.metrics.start(max_steps, self.step)
         for hook in parts.hooks:
-            hook.on_train_start(self)  # the QAT schedule measures its float/PTQ baselines here
+            hook.on_train_start(self)
         first_eval: dict[str, float] = {}
         if cfg.eval.at_start and self.step == 0:
             first_eval = self.run_eval()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lowbit.losses import LossInputs, Objective
+from lowbit.losses import LossInputs, Objective, count_target_tokens
 from lowbit.losses.fused_head import HeadInputs
 from lowbit.trainer.capture import capture_qkv, head_as_identity
 from lowbit.trainer.evaluate import autocast
@@ -29,8 +29,10 @@ class LossStep:
     Args:
         unwrap: the engine's ``unwrap`` (the plain model, for capture hooks and the head swap).
         fused_head_chunk: >0 computes the logit terms from hidden states this many tokens at a time.
-        head_by_call: call the head module instead of reading its weight (an engine that gathers
-            parameters only inside a module's forward, ZeRO-3).
+        head_by_call: call the student's head module instead of reading its weight (an engine that
+            gathers parameters only inside a module's forward, ZeRO-3).
+        max_over_ranks: where a head call is a collective (ZeRO-3 gathers in it), the largest value
+            over all ranks; every rank then runs as many fused-head chunks as the busiest one.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class LossStep:
         precision: str,
         fused_head_chunk: int = 0,
         head_by_call: bool = False,
+        max_over_ranks: Callable[[int], int] | None = None,
     ) -> None:
         self.objective = objective
         self.teacher = teacher
@@ -52,6 +55,7 @@ class LossStep:
         self.precision = precision
         self.fused_head_chunk = fused_head_chunk
         self.head_by_call = head_by_call
+        self.max_over_ranks = max_over_ranks
         self.needs = objective.needs
 
     def __call__(
@@ -87,6 +91,9 @@ class LossStep:
         head = None
         if student_head is not None:
             head = HeadInputs(outputs.logits, self._head(student_head), chunk_size=self.fused_head_chunk)
+            if self.max_over_ranks is not None:
+                counted = int(count_target_tokens(batch["labels"]))
+                head.min_chunks = self.max_over_ranks(-(-counted // self.fused_head_chunk))
         if "student_hidden" in self.needs:
             inputs.student_hidden = outputs.hidden_states
         if not any(need.startswith("teacher") for need in self.needs):

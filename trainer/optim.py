@@ -9,22 +9,34 @@ from torch import nn
 
 from lowbit.trainer.config import TrainConfig
 
+QUANTIZER_GROUP = "quantizer"
+
 
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, *extra: nn.Module, adamw: type[torch.optim.Optimizer] | None = None
 ) -> torch.optim.Optimizer:
     """AdamW where matrices decay and 1-D parameters (biases, norm gains) do not.
 
+    Learned quantizer step sizes (LSQ scales and offsets) form a group of their own
+    (``QUANTIZER_GROUP``), without weight decay — pulling a step size towards zero is not
+    regularisation — and with a learning rate the QAT schedule can zero to freeze them.
     ``extra`` modules (a loss term's learned projection) are optimised alongside the model.
     Frozen parameters (``requires_grad=False``: a teacher, a quantized base) get no state.
     ``adamw``: another implementation of the same update (DeepSpeed's CPU Adam for ZeRO-Offload).
     """
-    trainable = [p for module in (model, *extra) for p in module.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
+    from lowbit.quant import FakeQuantizer
+
+    modules = (model, *extra)
+    quantizer_ids = {
+        id(p) for m in modules for q in m.modules() if isinstance(q, FakeQuantizer) for p in q.parameters()
+    }
+    trainable = [p for module in modules for p in module.parameters() if p.requires_grad]
+    quantizer = [p for p in trainable if id(p) in quantizer_ids]
+    rest = [p for p in trainable if id(p) not in quantizer_ids]
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
+        {"params": quantizer, "weight_decay": 0.0, "name": QUANTIZER_GROUP},
     ]
     return (adamw or torch.optim.AdamW)(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps

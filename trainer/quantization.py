@@ -56,32 +56,57 @@ def quantizers_enabled(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 class QuantSchedule(StepHook):
-    """Fake quant off before ``enable_after_steps``, on after; scales frozen from a given step; the
-    float and PTQ baselines measured (or read back) when training starts."""
+    """QAT in the loop: fake quant off before ``enable_after_steps`` and on after; learned scales
+    frozen from ``freeze_scales_after_steps``; evaluation always with fake quant (the model as it
+    will be deployed); float and PTQ baselines measured when training starts, and ``recovered``
+    added to every evaluation.
+
+    Scales are frozen by zeroing the learning rate of their optimizer group (see
+    ``optim.QUANTIZER_GROUP``), not by turning off ``requires_grad``: DeepSpeed keeps stepping a
+    parameter it partitioned from its Adam momentum whatever its ``requires_grad`` says, and DDP
+    expects the gradients of every parameter it was built with.
+    """
 
     def __init__(self, cfg: QuantConfig) -> None:
         self.measure_baselines = cfg.baselines
         self.enable_after = cfg.enable_after_steps
         self.freeze_after = cfg.freeze_scales_after_steps
         self.frozen = False
+        self.baselines: dict[str, float] = {}
 
     def _apply(self, trainer: Trainer, step: int) -> None:
-        from lowbit.quant import freeze_scales, set_quantizers_enabled
+        from lowbit.quant import set_quantizers_enabled
+        from lowbit.trainer.optim import QUANTIZER_GROUP
 
-        model = trainer.strategy.unwrap(trainer.parts.model)
-        set_quantizers_enabled(model, step >= self.enable_after)
-        if self.freeze_after is not None and step >= self.freeze_after and not self.frozen:
-            freeze_scales(model)
-            self.frozen = True
-            logger.info("quantizer scales frozen at step %d", step)
+        set_quantizers_enabled(trainer.strategy.unwrap(trainer.parts.model), step >= self.enable_after)
+        if self.freeze_after is not None and step >= self.freeze_after:
+            # every step: the schedule sets each group's lr again after every optimizer step
+            for group in trainer.parts.optimizer.param_groups:
+                if group.get("name") == QUANTIZER_GROUP:
+                    group["lr"] = 0.0
+            if not self.frozen:
+                logger.info("quantizer scales frozen at step %d", step)
+                self.frozen = True
 
     def on_train_start(self, trainer: Trainer) -> None:
         self._apply(trainer, trainer.step)
         if self.measure_baselines and trainer.parts.val is not None:
-            trainer.baselines = load_or_measure_baselines(trainer, trainer.evaluate)
+            self.baselines = load_or_measure_baselines(trainer, self._measure)
+
+    def _measure(self, trainer: Trainer, quantized: bool) -> dict[str, float]:
+        with quantizers_enabled(trainer.parts.model, quantized):
+            return trainer.evaluate()
 
     def on_step_start(self, trainer: Trainer, step: int) -> None:
         self._apply(trainer, step)
+
+    def eval_context(self, trainer: Trainer) -> contextlib.AbstractContextManager:
+        return quantizers_enabled(trainer.parts.model, True)
+
+    def on_eval(self, trainer: Trainer, results: dict[str, float]) -> None:
+        share = recovered(results["val_ppl"], self.baselines) if self.baselines else None
+        if share is not None:
+            results["recovered"] = share
 
 
 def recovered(ppl: float, baselines: dict[str, float]) -> float | None:
@@ -101,7 +126,7 @@ def _baseline_key(trainer: Trainer) -> str:
 
 
 def load_or_measure_baselines(trainer: Trainer, measure) -> dict[str, Any]:
-    """Baselines from the run dir, or measured now (``measure(enabled) -> eval dict``) and saved."""
+    """Baselines from the run dir, or measured now (``measure(trainer, quantized) -> eval dict``) and saved."""
     path = Path(trainer.run_dir) / BASELINES_FILE
     key = _baseline_key(trainer)
     if path.is_file():
@@ -113,7 +138,7 @@ def load_or_measure_baselines(trainer: Trainer, measure) -> dict[str, Any]:
             "no %s in the run dir: `recovered` is not reported for this resumed run", BASELINES_FILE
         )
         return {}
-    float_eval, ptq_eval = measure(False), measure(True)
+    float_eval, ptq_eval = measure(trainer, False), measure(trainer, True)
     baselines = {"val_ppl_float": float_eval["val_ppl"], "val_ppl_ptq": ptq_eval["val_ppl"],
                  "val_loss_float": float_eval["val_loss"], "val_loss_ptq": ptq_eval["val_loss"]}  # fmt: skip
     if trainer.strategy.is_main:

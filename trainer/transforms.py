@@ -25,10 +25,12 @@ logger = logging.getLogger("lowbit")
 
 @dataclass
 class TransformResult:
-    """What a transform did (printed on rank 0) and the hooks it needs in the loop."""
+    """What a transform did (printed on rank 0), the hooks it needs in the loop, and whether some
+    trained parameters may get no gradient in some steps (DDP must then look for them)."""
 
     report: str = ""
     hooks: list[StepHook] = field(default_factory=list)
+    unused_parameters: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,14 @@ def register_transform(name: str, order: int, enabled: Callable[[RunConfig], boo
 @register_transform("quant", order=20, enabled=lambda cfg: cfg.quant is not None)
 def quant_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
     """Fake-quant layers by ``quant.rules`` (first match wins), and the schedule that turns them on."""
+    from lowbit.quant import quantizers
     from lowbit.trainer.quantization import QuantSchedule, apply_quantization
 
     assert cfg.quant is not None
-    return TransformResult(apply_quantization(model, cfg.quant), [QuantSchedule(cfg.quant)])
+    report = apply_quantization(model, cfg.quant)
+    # Learned scales take no part in the forward while the schedule keeps fake quant off.
+    learned = any(q.scale is not None for q in quantizers(model))
+    return TransformResult(report, [QuantSchedule(cfg.quant)], learned and cfg.quant.enable_after_steps > 0)
 
 
 @register_transform("compile", order=90, enabled=lambda cfg: cfg.train.compile)
@@ -75,14 +81,15 @@ def compile_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
     return TransformResult(f"{len(layers)} decoder layers compiled with torch.compile")
 
 
-def apply_transforms(model: nn.Module, cfg: RunConfig, announce: bool) -> list[StepHook]:
-    """Apply every enabled transform in order; return the hooks they add."""
-    hooks: list[StepHook] = []
+def apply_transforms(model: nn.Module, cfg: RunConfig, announce: bool) -> TransformResult:
+    """Apply every enabled transform in order; return their hooks and flags together."""
+    combined = TransformResult()
     for transform in sorted(TRANSFORMS.values(), key=lambda t: t.order):
         if not transform.enabled(cfg):
             continue
         result = transform.apply(model, cfg)
-        hooks.extend(result.hooks)
+        combined.hooks.extend(result.hooks)
+        combined.unused_parameters |= result.unused_parameters
         if announce and result.report:
             logger.info("%s:\n%s", transform.name, result.report)
-    return hooks
+    return combined

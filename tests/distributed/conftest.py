@@ -14,19 +14,23 @@ from tests.conftest import ROOT
 from tests.distributed.engine_runner import METHODS
 
 ENGINE_NAMES = ["ddp", "fsdp2", "fsdp2_keep", "zero1", "zero2", "zero3"]
-METHOD_NAMES = ["plain", "masked", "qat_w4a8", "qat_lsq_int3", "kd", "kd_relation", "qad"]
-# (engine, method, the 1-process method it must match)
+METHOD_NAMES = ["plain", "masked", "qat_w4a8", "qat_lsq_int3", "qat_schedule", "kd", "kd_relation", "qad"]
+# (engine, method, the 1-process method it must match); "+sharded_teacher": the same method with
+# strategy.teacher=sharded, against the replicated teacher of one process
 EXTRA_RUNS = [
-    ("hsdp", "plain", "plain"),
     ("fsdp2_checkpointing", "plain", "plain"),
     ("zero3_offload", "plain", "plain"),
-    ("fsdp2", "kd_sharded_teacher", "kd"),
-    ("zero3", "kd_sharded_teacher", "kd"),
+    ("fsdp2", "kd+sharded_teacher", "kd"),
+    ("zero3", "kd+sharded_teacher", "kd"),
+    ("zero3", "masked_fused_kd", "masked_fused_kd"),  # student head gathered per chunk: equal chunk counts
+    ("zero2", "masked_fused_kd+sharded_teacher", "masked_fused_kd"),  # a ZeRO-3 teacher under ZeRO-2
+    ("fsdp2", "masked_fused_kd+sharded_teacher", "masked_fused_kd"),
     ("ddp", "kd_topk_cache", "kd_topk_cache"),
     ("fsdp2", "kd_topk_cache", "kd_topk_cache"),
     ("zero3", "kd_topk_cache", "kd_topk_cache"),
 ]
 PROBES = ["fsdp2", "fsdp2_keep", "zero3"]  # engines whose forwards are checked against fresh weights
+REFERENCES = [*METHOD_NAMES, "kd_topk_cache", "masked_fused_kd"]
 assert set(METHOD_NAMES) <= set(METHODS)
 
 
@@ -42,16 +46,24 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 900, extra: tuple[str,
 
 @pytest.fixture(scope="session")
 def engine_runs(tmp_path_factory):
-    """Every engine × method trained in 2 processes, and every method in 1 (the reference)."""
+    """Every engine × method trained in 2 processes (HSDP in 4), every method in 1 (the reference)."""
     out = tmp_path_factory.mktemp("engines")
+    # the 1-process runs first: they build the teacher cache the others read
+    one = torchrun(
+        "tests.distributed.engine_runner",
+        "equivalence",
+        str(out),
+        *[f"single:{m}" for m in REFERENCES],
+        nproc=1,
+    )
+    assert one.returncode == 0, one.stderr[-6000:]
     pairs = [f"{engine}:{method}" for engine in ENGINE_NAMES for method in METHOD_NAMES]
     pairs += [f"{engine}:{method}" for engine, method, _ in EXTRA_RUNS] + [f"{e}:qat_probe" for e in PROBES]
-    references = [f"single:{m}" for m in METHOD_NAMES] + ["single:kd_topk_cache"]
-    # the 1-process run first: it builds the teacher cache both read
-    one = torchrun("tests.distributed.engine_runner", "equivalence", str(out), *references, nproc=1)
-    assert one.returncode == 0, one.stderr[-6000:]
     two = torchrun("tests.distributed.engine_runner", "equivalence", str(out), *pairs)
     assert two.returncode == 0, two.stderr[-6000:]
+    # HSDP: 2 replicas × shard groups of 2 (a 2-D mesh) needs 4 processes
+    four = torchrun("tests.distributed.engine_runner", "equivalence", str(out), "hsdp:plain", nproc=4)
+    assert four.returncode == 0, four.stderr[-6000:]
     return out
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from lowbit.trainer.config import load_config
 from lowbit.trainer.loop import Trainer
@@ -35,7 +36,10 @@ ENGINES = {
     "zero2": ["strategy.name=deepspeed", "strategy.deepspeed.stage=2"],
     "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.stage=3"],
     # options of the engines, each against the 1-process run
-    "hsdp": ["strategy.name=fsdp2", "strategy.fsdp2.replicate=2"],  # 2 replicas of a 1-rank shard group
+    "hsdp": [
+        "strategy.name=fsdp2",
+        "strategy.fsdp2.replicate=2",
+    ],  # launched with 4 ranks: 2 replicas × 2 shards
     "fsdp2_checkpointing": ["strategy.name=fsdp2", "model.gradient_checkpointing=true"],
     "zero3_offload": [
         "strategy.name=deepspeed",
@@ -78,6 +82,21 @@ METHODS = {
         "loss=[{kind: ce, weight: 0.5}, {kind: kd_kl, weight: 0.5, temperature: 2.0}]",
         "train.fused_head_chunk=64",
     ],
+    # learned scales with fake quant off for 2 steps (no gradient: DDP must look for them), frozen from step 4
+    "qat_schedule": [
+        'quant={rules: [{match: "*", weight: {dtype: int3, granularity: group, group_size: 32, learn_scale: true}}], '
+        "enable_after_steps: 2, freeze_scales_after_steps: 4}"
+    ],
+    # the fused head over chat data whose ranks count different numbers of tokens (so they would
+    # run different numbers of head chunks), with a 16-token chunk
+    "masked_fused_kd": [
+        "data.train_files=[{out}/sft.jsonl]",
+        "data.seq_len=96",
+        WIDE_TEACHER,
+        "teacher.tokenizer=byte",
+        "loss=[{kind: ce, weight: 0.5}, {kind: kd_kl, weight: 0.5, temperature: 2.0}]",
+        "train.fused_head_chunk=16",
+    ],
     # the teacher's top-k logits read from an offline cache (built once by rank 0, see `equivalence`)
     "kd_topk_cache": [
         WIDE_TEACHER,
@@ -85,7 +104,6 @@ METHODS = {
         "teacher.cache={out}/teacher_cache",
         "loss=[{kind: ce, weight: 0.5}, {kind: kd_topk, weight: 0.5, k: 8, temperature: 2.0}]",
     ],
-    "kd_sharded_teacher": [*KD, "strategy.teacher=sharded"],
     "masked": ["data.train_files=[{out}/sft.jsonl]", "data.seq_len=96"],  # uneven target counts per rank
     # w4a8 QAT, checking after every step that each layer's forward used fake_quant(current full weight)
     "qat_probe": [
@@ -134,8 +152,19 @@ def equivalence(out: Path, pairs: list[str]) -> None:
     dist.barrier()
     for pair in pairs:
         engine, method = pair.split(":")
-        trainer = Trainer(scenario(out, engine, method, dist.get_world_size()))
+        base = method.removesuffix("+sharded_teacher")
+        overrides = scenario_overrides(out, engine, base, dist.get_world_size())
+        if base != method:  # the same run with the teacher sharded for inference
+            overrides += ["strategy.teacher=sharded", f"run.output_dir={out / engine / method}"]
+        cfg = load_config(TINY, overrides)
+        trainer = Trainer(cfg)
         trainer.fit()
+        # the weights as the live engine consolidates them: an independent check of the
+        # checkpoint readers that eval and export use
+        state = trainer.strategy.consolidated_state_dict()
+        if dist.get_rank() == 0:
+            tensors = {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+            save_file(tensors, str(Path(cfg.run.output_dir) / "consolidated.safetensors"))
         trainer.close()
         dist.barrier()
 

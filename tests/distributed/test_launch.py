@@ -18,9 +18,17 @@ pytestmark = pytest.mark.distributed
 
 
 def test_launcher_reports_a_user_error_with_exit_code_2(tmp_path):
+    """Found before launching (a config typo), or by the launched workers (an engine that cannot
+    run in this launch): exit 2 either way, the message once, no traceback of ours."""
     done = run_cli("train", "--nproc-per-node", "2", str(TINY), *tiny_overrides(tmp_path, "train.lrr=1"))
     assert done.returncode == 2
     assert done.stderr.count("Did you mean: 'lr'") == 1
+    done = run_cli(
+        "train", "--nproc-per-node", "2", str(TINY), *tiny_overrides(tmp_path / "w", "strategy.name=single")
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "strategy single was launched with several processes; use ddp, fsdp2, deepspeed" in done.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def test_lowbit_train_restarts_its_processes_and_resumes(tmp_path):

@@ -93,3 +93,47 @@ def test_fused_head_with_fake_quant_head_and_padded_teacher_vocab():
     assert torch.allclose(states_a, states_b, rtol=1e-4, atol=1e-7)
     assert torch.allclose(weight_a, weight_b, rtol=1e-4, atol=1e-7)
     assert weight_b.abs().sum() > 0
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "callable"])
+@pytest.mark.parametrize("counted", [0, 5])
+def test_min_chunks_pads_with_empty_chunks_that_call_the_heads_and_change_nothing(head_kind, counted):
+    """Where a head call is a collective (ZeRO-3), a rank with fewer (or no) counted tokens runs
+    empty chunks until it has called the heads as often as the busiest rank."""
+    generator = torch.Generator().manual_seed(counted)
+    student_head, teacher_head = torch.nn.Linear(16, 40), torch.nn.Linear(24, 40, bias=False)
+    calls = {"student": 0, "teacher": 0}
+
+    def counting(name, module):
+        def call(rows):
+            calls[name] += 1
+            return module(rows)
+
+        return call
+
+    labels = torch.full((1, 9), -100)
+    labels[0, 1 : 1 + counted] = torch.randint(0, 40, (counted,), generator=generator)
+    student_hidden = torch.randn(1, 9, 16, generator=generator)
+    teacher_hidden = torch.randn(1, 9, 24, generator=generator)
+    objective = build_objective(TERMS[:2])
+    results = []
+    for min_chunks in (0, 6):
+        calls.update(student=0, teacher=0)
+        hidden = student_hidden.clone().requires_grad_(True)
+        student_head.zero_grad()
+        head_fn = student_head if head_kind == "linear" else counting("student", student_head)
+        head = HeadInputs(hidden, head_fn, teacher_hidden, counting("teacher", teacher_head), chunk_size=2,
+                          min_chunks=min_chunks)  # fmt: skip
+        loss, _ = objective(LossInputs(labels=labels), max(counted, 1), head=head)
+        loss.backward()
+        weight_grad = student_head.weight.grad
+        results.append(
+            (loss.detach(), hidden.grad.clone(), torch.zeros(40, 16) if weight_grad is None else weight_grad)
+        )
+        chunks = max(-(-counted // 2), min_chunks)
+        # a callable head is checkpointed: each chunk (teacher head included) runs again in backward
+        per_chunk = 2 if head_kind == "callable" else 1
+        assert calls["teacher"] == per_chunk * chunks
+        assert calls["student"] == (per_chunk * chunks if head_kind == "callable" else 0)
+    for plain, padded in zip(results[0], results[1]):
+        assert torch.equal(plain, padded)

@@ -50,11 +50,11 @@ def test_a_transform_adds_its_hooks_and_a_disabled_one_does_nothing(tiny_config)
 
     cfg = tiny_config(W4A8)
     model = load_model(cfg.model, None, seed=0, vocab_needed=262)
-    hooks = apply_transforms(model, cfg, announce=False)
-    assert [type(hook) for hook in hooks] == [QuantSchedule]
+    result = apply_transforms(model, cfg, announce=False)
+    assert [type(hook) for hook in result.hooks] == [QuantSchedule] and not result.unused_parameters
     assert isinstance(model.model.layers[0].mlp.up_proj, FakeQuantLinear)
     plain = load_model(cfg.model, None, seed=0, vocab_needed=262)
-    assert apply_transforms(plain, tiny_config(), announce=False) == []
+    assert apply_transforms(plain, tiny_config(), announce=False).hooks == []
     assert not any(isinstance(m, FakeQuantLinear) for m in plain.modules())
 
 
@@ -98,7 +98,7 @@ def test_preempted_is_raised_by_fit_for_callers_in_python(tiny_config):
 
     trainer = Trainer(tiny_config("train.max_steps=6", "train.warmup_steps=0", "eval.every_steps=0"))
 
-    class TermAtTwo:
+    class Usr1AtTwo:
         def on_train_start(self, trainer): ...
         def on_step_start(self, trainer, step): ...
         def on_train_end(self, trainer): ...
@@ -106,7 +106,7 @@ def test_preempted_is_raised_by_fit_for_callers_in_python(tiny_config):
             if step == 2:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
-    trainer.parts.hooks.append(TermAtTwo())
+    trainer.parts.hooks.append(Usr1AtTwo())
     with pytest.raises(Preempted) as stop:
         trainer.fit()
     trainer.close()

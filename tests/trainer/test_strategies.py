@@ -8,7 +8,6 @@ import pytest
 
 from lowbit.trainer.config import DeepSpeedConfig, StrategyConfig, TrainConfig, resolve_global_batch
 from lowbit.trainer.errors import UserError
-from lowbit.trainer.strategies import build_strategy
 from lowbit.trainer.strategies.deepspeed_config import deepspeed_config, generated_config, merge_user_config
 from tests.conftest import TINY, run_cli, tiny_overrides
 
@@ -50,8 +49,10 @@ from tests.conftest import TINY, run_cli, tiny_overrides
         ),
         (["strategy.teacher=sharded", "strategy.name=fsdp2"], "no teacher runs"),
         (["train.global_batch_size=0"], "train.global_batch_size must be at least 1"),
-        (["strategy.name=fsdp2", "strategy.fsdp2.cpu_offload=true", "strategy.device=cpu"],
-         "this run computes on the CPU, where it already is: drop strategy.fsdp2.cpu_offload"),
+        (
+            ["strategy.name=fsdp2", "strategy.fsdp2.cpu_offload=true", "strategy.device=cpu"],
+            "this run computes on the CPU, where it already is: drop strategy.fsdp2.cpu_offload",
+        ),
     ],
 )
 def test_impossible_engine_settings_exit_2_naming_the_fix_before_anything_is_written(
@@ -79,7 +80,8 @@ def test_generated_deepspeed_config_is_consistent_by_construction():
         train, DeepSpeedConfig(stage=3, offload_optimizer="cpu"), world_size=8, hidden_size=512
     )
     assert config["train_batch_size"] == 2 * 4 * 8
-    assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"enabled": True}
+    # bf16 is lowbit's autocast over fp32 weights on every engine: DeepSpeed's weight cast stays off
+    assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"enabled": False}
     zero = config["zero_optimization"]
     assert (
         zero["stage"] == 3 and zero["offload_optimizer"] == {"device": "cpu"} and "offload_param" not in zero
@@ -108,7 +110,10 @@ def test_a_user_deepspeed_json_tunes_freely_but_may_not_contradict_lowbit(tmp_pa
             {"train_batch_size": 64},
             "ds.json sets train_batch_size = 64, but lowbit's train.micro_batch_size × grad_accum_steps × ranks gives 16",
         ),
-        ({"bf16": {"enabled": True}}, "sets bf16.enabled = true, but lowbit's train.precision gives false"),
+        (
+            {"bf16": {"enabled": True}},
+            "sets bf16.enabled = true, but lowbit's train.precision gives false: remove bf16 from the JSON",
+        ),
         (
             {"zero_optimization": {"stage": 3}},
             "zero_optimization.stage = 3, but lowbit's strategy.deepspeed.stage gives 2",
@@ -145,11 +150,17 @@ def test_accelerate_launch_configs_pick_the_engine_and_fill_options_or_conflict(
         resolve_name(StrategyConfig(name="ddp"))
     from lowbit.trainer.config import FSDP2Config
 
+    # a section of the run config that sets other fields still takes the launcher's value for this one
+    adopted = with_launcher_options(
+        StrategyConfig(name="fsdp2", fsdp2=FSDP2Config(load="full")), TrainConfig(), "fsdp2"
+    )
+    assert adopted.fsdp2.load == "full" and adopted.fsdp2.reshard_after_forward is False
+    conflicting = StrategyConfig(name="fsdp2", fsdp2=FSDP2Config(reshard_after_forward=2))
     with pytest.raises(
         UserError,
-        match="sets reshard_after_forward=False for fsdp2 but strategy.fsdp2.reshard_after_forward is True",
+        match="sets reshard_after_forward=False for fsdp2 but strategy.fsdp2.reshard_after_forward is 2",
     ):
-        with_launcher_options(StrategyConfig(name="fsdp2", fsdp2=FSDP2Config()), TrainConfig(), "fsdp2")
+        with_launcher_options(conflicting, TrainConfig(), "fsdp2")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(UserError, match="set `fsdp_version: 2`"):
         with_launcher_options(StrategyConfig(name="fsdp2"), TrainConfig(), "fsdp2")
@@ -165,10 +176,15 @@ def test_accelerate_launch_configs_pick_the_engine_and_fill_options_or_conflict(
     assert adopted.deepspeed is not None and adopted.deepspeed.stage == 3
 
 
-def test_any_engine_runs_plainly_in_one_process_as_a_group_of_one():
-    for name in ("ddp", "fsdp2"):
-        strategy = build_strategy(StrategyConfig(name=name, device="cpu"), TrainConfig())
-        try:
-            assert strategy.world_size == 1 and strategy.rank == 0 and strategy.name == name
-        finally:
-            strategy.teardown()
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
+def test_any_engine_trains_plainly_in_one_process_as_a_group_of_one(tiny_config, engine):
+    from lowbit.trainer.loop import Trainer
+
+    trainer = Trainer(tiny_config(f"strategy.name={engine}", "train.max_steps=2", "train.warmup_steps=0",
+                                  "eval.every_steps=0", "strategy.device=cpu"))  # fmt: skip
+    try:
+        assert trainer.strategy.world_size == 1 and trainer.strategy.name == engine
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    assert result["step"] == 2 and result["eval"]["val_loss"] < 6

@@ -18,6 +18,16 @@ from lowbit.trainer.strategies.launchers import launcher_engine, with_launcher_o
 
 # name -> module under lowbit.trainer.strategies that defines the class ``STRATEGY``
 ENGINES = {"single": "base", "ddp": "ddp", "fsdp2": "fsdp2", "deepspeed": "deepspeed"}
+# checkpoint layout -> module whose ``read_weights(checkpoint, model)`` loads the student's weights
+# into a plain model in one process, reassembling shards (what eval and export read)
+LAYOUT_READERS = {"safetensors": "base", "dcp": "fsdp2", "deepspeed": "deepspeed"}
+
+
+def read_weights(layout: str, checkpoint, model) -> None:
+    """Load the student's weights of a checkpoint of ``layout`` into ``model`` (one process)."""
+    if layout not in LAYOUT_READERS:
+        raise UserError(f"checkpoint {checkpoint}: unknown layout {layout!r} (written by a newer lowbit?)")
+    importlib.import_module(f"lowbit.trainer.strategies.{LAYOUT_READERS[layout]}").read_weights(checkpoint, model)
 
 
 def resolve_name(cfg: StrategyConfig) -> str:
@@ -46,6 +56,11 @@ def build_strategy(cfg: StrategyConfig, train: TrainConfig | None = None) -> Str
                 f"strategy.{engine} is set but the engine is {name}: its options apply only to {engine}; "
                 f"set strategy.name={engine} or drop strategy.{engine}"
             )
+    if cfg.teacher == "sharded" and name in ("single", "ddp"):
+        raise UserError(
+            f"strategy.teacher=sharded needs an engine that shards (fsdp2 or deepspeed), and this job runs {name}: "
+            "set strategy.name=fsdp2 (or deepspeed), or strategy.teacher=replicated"
+        )
     if name == "single" and launched_world_size() > 1:
         raise UserError(
             "strategy single was launched with several processes; use ddp, fsdp2, deepspeed (or auto)"

@@ -97,11 +97,12 @@ class Strategy:
     name = "single"
     #: How ``save_checkpoint`` lays out its files (recorded in every checkpoint).
     checkpoint_layout = "safetensors"
-    #: Whether each rank holds only part of the trained parameters between uses.
-    shards_parameters = False
     #: Whether a parameter may be read only inside its module's own forward (ZeRO-3 gathers it
     #: there): code that reads a weight directly (the fused head's linear path) must call the module.
     gathers_in_module_forward = False
+    #: Whether calling a head module (the student's, or a sharded teacher's) is a collective:
+    #: every rank must then make as many head calls per micro-batch as the others.
+    collective_head_calls = False
 
     def __init__(self, cfg: StrategyConfig, train: TrainConfig) -> None:
         self.cfg = cfg
@@ -114,6 +115,7 @@ class Strategy:
         self.objective: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.unused_parameters = False
 
     @property
     def is_main(self) -> bool:
@@ -132,14 +134,21 @@ class Strategy:
 
     # -- placement ---------------------------------------------------------------------------------
 
-    def prepare(self, model: nn.Module, objective: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, objective: nn.Module, unused_parameters: bool = False) -> nn.Module:
         """Place and wrap the (transformed) student, place the objective, build the optimizer and
-        the schedule; return the module the loop calls forward on."""
+        the schedule; return the module the loop calls forward on. ``unused_parameters``: some
+        trained parameters get no gradient in some steps (learned scales before fake quant is on)."""
+        self.unused_parameters = unused_parameters
         self.objective = objective.to(self.device)
         self.model = self.wrap(model)
+        self.build_optimizer()
+        return self.model
+
+    def build_optimizer(self) -> None:
+        """AdamW over the wrapped student and the objective's parameters, and the schedule."""
+        assert self.model is not None and self.objective is not None
         self.optimizer = build_optimizer(self.model, self.train, self.objective)
         self.scheduler = build_scheduler(self.optimizer, self.train)
-        return self.model
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Move the model to this rank's device and wrap it for distribution."""
@@ -191,6 +200,11 @@ class Strategy:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def count_parameters(self, model: nn.Module) -> tuple[int, int]:
+        """(all, trained) parameters of the student, counted whole however they are sharded."""
+        sizes = [(param.numel(), param.requires_grad) for param in self.unwrap(model).parameters()]
+        return sum(n for n, _ in sizes), sum(n for n, trained in sizes if trained)
+
     def current_lr(self) -> float:
         assert self.optimizer is not None
         return float(self.optimizer.param_groups[0]["lr"])
@@ -203,9 +217,16 @@ class Strategy:
     def all_reduce_max(self, tensor: Tensor) -> Tensor:
         return tensor
 
+    def max_over_ranks(self, value: int) -> int:
+        return int(self.all_reduce_max(torch.tensor([value], dtype=torch.int64)).item())
+
     def broadcast_object(self, value: Any) -> Any:
         """``value`` as rank 0 has it, on every rank."""
         return value
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        return [value]
 
     def barrier(self) -> None:
         """Wait for every rank."""
@@ -239,7 +260,7 @@ class Strategy:
     def load_checkpoint(self, checkpoint: Path) -> None:
         """Collective: restore what ``save_checkpoint`` wrote (the checkpoint is already verified)."""
         assert self.model is not None and self.objective is not None and self.optimizer is not None
-        load_safetensors_weights(checkpoint, self.unwrap(self.model))
+        read_weights(checkpoint, self.unwrap(self.model))
         if has_parameters(self.objective):
             load_model(self.objective, str(checkpoint / OBJECTIVE_FILE), device=str(self.device))
         self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True))
@@ -251,9 +272,13 @@ class Strategy:
         return {name: tensor.detach().cpu() for name, tensor in state.items()} if self.is_main else {}
 
 
-def load_safetensors_weights(checkpoint: Path, model: nn.Module) -> None:
+def read_weights(checkpoint: Path, model: nn.Module) -> None:
     """Load ``model.safetensors`` into ``model``, or explain why it does not fit."""
     missing, unexpected = load_model(model, str(checkpoint / MODEL_FILE), strict=False)
+    check_fit(checkpoint, missing, unexpected)
+
+
+def check_fit(checkpoint: Path, missing, unexpected) -> None:
     if missing or unexpected:
         raise UserError(
             f"checkpoint {checkpoint} does not fit this model: missing {sorted(missing)[:5]}, "

@@ -19,7 +19,13 @@ class DDPStrategy(DistributedStrategy):
         model = model.to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # Gradients live in DDP's all-reduce buckets instead of beside them: 4 bytes/param less.
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        # Parameters that may go without a gradient in a step must be looked for (a graph walk).
+        return nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=device_ids,
+            gradient_as_bucket_view=True,
+            find_unused_parameters=self.unused_parameters,
+        )
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

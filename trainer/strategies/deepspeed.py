@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lowbit.trainer.config import DeepSpeedConfig, StrategyConfig, TrainConfig
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.optim import build_optimizer, build_scheduler
-from lowbit.trainer.strategies.base import TrainedModules
+from lowbit.trainer.strategies.base import TrainedModules, check_fit
 from lowbit.trainer.strategies.deepspeed_config import deepspeed_config
 from lowbit.trainer.strategies.distributed import DistributedStrategy
 
@@ -38,22 +40,26 @@ class DeepSpeedStrategy(DistributedStrategy):
         super().__init__(cfg, train)
         import deepspeed
 
+        # DeepSpeed reads LOCAL_RANK itself; a plain one-process run (a group of one) has none.
+        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
+
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.options = cfg.deepspeed or DeepSpeedConfig()
-        self.shards_parameters = self.options.stage == 3
+        deepspeed_config(train, self.options, self.world_size, hidden_size=1)  # a user JSON's conflicts, now
+        # ZeRO-3 gathers a weight inside its module's forward only; a sharded (ZeRO-3) teacher too.
         self.gathers_in_module_forward = self.options.stage == 3
+        self.collective_head_calls = self.options.stage == 3 or cfg.teacher == "sharded"
         # Joins the process group opened above instead of opening its own.
         deepspeed.init_distributed(
             dist_backend=self.backend, timeout=datetime.timedelta(seconds=cfg.timeout_s)
         )
-        self.engine_module = None
         self.frozen_engines: list[Any] = []
 
     @property
     def engine(self) -> str:
         return f"deepspeed-zero{self.options.stage}"
 
-    def prepare(self, model: nn.Module, objective: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, objective: nn.Module, unused_parameters: bool = False) -> nn.Module:
         import deepspeed
 
         self.objective = objective
@@ -75,6 +81,13 @@ class DeepSpeedStrategy(DistributedStrategy):
         inner = getattr(model, "module", model)
         return inner.student if isinstance(inner, TrainedModules) else inner
 
+    def count_parameters(self, model: nn.Module) -> tuple[int, int]:
+        # a ZeRO-3 parameter is an empty placeholder; its full size is ``ds_numel``
+        sizes = [
+            (getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in self.unwrap(model).parameters()
+        ]
+        return sum(n for n, _ in sizes), sum(n for n, trained in sizes if trained)
+
     def place_frozen(self, module: nn.Module) -> nn.Module:
         """The teacher: replicated, or (``strategy.teacher: sharded``) a ZeRO-3 inference engine
         that keeps 1/N of its weights per rank and gathers each layer as it runs."""
@@ -87,12 +100,13 @@ class DeepSpeedStrategy(DistributedStrategy):
                 "strategy.teacher=sharded cannot partition a bitsandbytes (load_in_4bit) teacher; use "
                 "strategy.teacher=replicated with it"
             )
+        # Inference only (no optimizer); the weights keep the dtype the teacher was loaded in.
         dtype = next(module.parameters()).dtype
         config = {
             "train_micro_batch_size_per_gpu": self.train.micro_batch_size,
             "zero_optimization": {"stage": 3},
-            "bf16": {"enabled": str(dtype) == "torch.bfloat16"},
-            "fp16": {"enabled": str(dtype) == "torch.float16"},
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16},
             "steps_per_print": 2**31 - 1,
         }
         engine = deepspeed.initialize(model=module.to(self.device), config=config, dist_init_required=False)[
@@ -174,14 +188,24 @@ def _hidden_size(model: nn.Module) -> int:
     return max((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), default=1024)
 
 
-def read_deepspeed_weights(checkpoint: Path) -> dict[str, Tensor]:
-    """The student's fp32 weights from a DeepSpeed checkpoint, in one process: DeepSpeed's own
-    ``zero_to_fp32`` reassembles every rank's ZeRO partitions (what ``lowbit eval``/``export`` read)."""
+def read_weights(checkpoint: Path, model: nn.Module) -> None:
+    """Load the student's fp32 weights of a DeepSpeed checkpoint into ``model``, in one process:
+    DeepSpeed's own ``zero_to_fp32`` reassembles every rank's ZeRO partitions. Its state dict lists
+    a tied parameter once (a head tied to the embeddings), so the other name may be missing."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
     prefix = "student."
-    return {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+    weights = {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    check_fit(checkpoint, [name for name in missing if not _is_tied(model, name)], unexpected)
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` shares its tensor with another parameter."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(name)
+    return target is not None and sum(param is target for param in params.values()) > 1
 
 
 STRATEGY = DeepSpeedStrategy

@@ -24,7 +24,7 @@ OWNED = {
     "train_batch_size": "train.micro_batch_size × grad_accum_steps × ranks",
     "gradient_clipping": "train.max_grad_norm",
     "bf16.enabled": "train.precision",
-    "fp16.enabled": "train.precision (lowbit trains fp32 or bf16)",
+    "fp16.enabled": "train.precision",
     "zero_optimization.stage": "strategy.deepspeed.stage",
     "zero_optimization.offload_optimizer.device": "strategy.deepspeed.offload_optimizer",
     "zero_optimization.offload_param.device": "strategy.deepspeed.offload_param",
@@ -66,7 +66,10 @@ def generated_config(
         "gradient_accumulation_steps": train.grad_accum_steps,
         "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
         "gradient_clipping": train.max_grad_norm,
-        "bf16": {"enabled": train.precision == "bf16"},
+        # train.precision bf16 is lowbit's own autocast around the forward, over fp32 weights, as
+        # under every other engine: DeepSpeed's bf16 mode would cast the weights themselves (fake
+        # quant would then run on bf16 weights under this engine only).
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         # lowbit's loop calls backward per micro-batch and step once per optimizer step.
@@ -109,9 +112,12 @@ def merge_user_config(generated: dict[str, Any], user: dict[str, Any], source: s
         if ours is None and key.endswith(".device") and theirs == "none":
             continue
         if theirs != ours:
+            fix = f"remove {key} from the JSON (lowbit sets it) or change {setting} to match"
+            if key in ("bf16.enabled", "fp16.enabled"):  # no setting of lowbit's turns these on
+                fix = (f"remove {key.split('.')[0]} from the JSON: train.precision=bf16 is lowbit's autocast over "
+                       "fp32 weights on every engine, DeepSpeed included")  # fmt: skip
             raise UserError(
-                f"{source} sets {key} = {json.dumps(theirs)}, but lowbit's {setting} gives {json.dumps(ours)}: "
-                f"remove {key} from the JSON (lowbit sets it) or change {setting} to match"
+                f"{source} sets {key} = {json.dumps(theirs)}, but lowbit's {setting} gives {json.dumps(ours)}: {fix}"
             )
     return _merge(generated, user)
 

@@ -15,17 +15,22 @@ from lowbit.trainer.strategies.base import Strategy, launched_world_size, pick_d
 
 
 def _launch_store(timeout: datetime.timedelta) -> dist.Store:
-    """The launcher's key-value store (``env://``), under a prefix unique to this launch attempt.
+    """The launcher's key-value store (``env://``); under one torchrun agent, with a prefix unique
+    to this launch attempt.
 
-    torchrun keeps its store across ``--max-restarts`` restarts, and the keys the previous
-    attempt's ranks published (their gloo addresses) are still in it: a restarted rank could read
-    a dead peer's address before the new peer wrote its own, and fail to connect ("Connection
-    refused", seen in 2 of 5 restarts here). Prefixing with the restart count gives each attempt
-    its own keys.
+    torchrun keeps the store its workers share across ``--max-restarts`` restarts, and the keys
+    the previous attempt's ranks published (their gloo addresses) are still in it: a restarted
+    rank could read a dead peer's address before the new peer wrote its own, and fail to connect
+    ("Connection refused": 2 of 5 restarts of a 2-process probe here). With one agent (one node)
+    its restart count names the attempt for every rank. With several agents it cannot: an agent
+    whose own workers were healthy restarts them without counting (seen: counts 0 and 1 on the two
+    nodes of one attempt), so there the store is used as torch uses it.
     """
     from torch.distributed.rendezvous import rendezvous
 
     store, _, _ = next(rendezvous("env://", timeout=timeout))
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        return store
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"lowbit/attempt-{attempt}", store)
 
@@ -89,11 +94,16 @@ class DistributedStrategy(Strategy):
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
 
-    def prepare(self, model: nn.Module, objective: nn.Module) -> nn.Module:
-        wrapped = super().prepare(model, objective)
+    def prepare(self, model: nn.Module, objective: nn.Module, unused_parameters: bool = False) -> nn.Module:
+        wrapped = super().prepare(model, objective, unused_parameters)
         assert self.objective is not None
         self.broadcast_parameters(self.objective)
         return wrapped
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
 
     def average_gradients(self, module: nn.Module | None) -> None:
         """All-reduce-average the gradients of a module no engine wraps (a loss projection)."""

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from lowbit.trainer.config import FSDP2Config, StrategyConfig, TrainConfig
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.model import DTYPES, decoder_layers
-from lowbit.trainer.optim import build_optimizer, build_scheduler
 from lowbit.trainer.strategies.base import TrainedModules
 from lowbit.trainer.strategies.distributed import DistributedStrategy
 
@@ -36,7 +35,6 @@ class FSDP2Strategy(DistributedStrategy):
 
     name = "fsdp2"
     checkpoint_layout = "dcp"
-    shards_parameters = True
 
     def __init__(self, cfg: StrategyConfig, train: TrainConfig) -> None:
         super().__init__(cfg, train)
@@ -69,6 +67,15 @@ class FSDP2Strategy(DistributedStrategy):
             self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("shard",))
 
     @property
+    def backend(self) -> str:
+        """With CPU offload the sharded state, and so its collectives (gradient-norm reduction),
+        live on the CPU: gloo serves those beside nccl (as torchtitan does)."""
+        offload = self.cfg.fsdp2 is not None and self.cfg.fsdp2.cpu_offload
+        if offload and self.cfg.backend == "auto" and self.device.type == "cuda":
+            return "cuda:nccl,cpu:gloo"
+        return super().backend
+
+    @property
     def loads_weights(self) -> bool:
         return self.is_main or self.options.load == "full" or self.world_size == 1
 
@@ -96,27 +103,27 @@ class FSDP2Strategy(DistributedStrategy):
             _buffers_to(model, self.device)  # parameters live on CPU; buffers are used where compute runs
         return model
 
-    def prepare(self, model: nn.Module, objective: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, objective: nn.Module, unused_parameters: bool = False) -> nn.Module:
         """Shard the student; where only rank 0 read the weights, the others' shards come from it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         broadcast = self.options.load == "rank0" and self.world_size > 1
         full_state = model.state_dict() if broadcast and self.is_main else {}
+        on_meta = _on_meta(model)
         self.objective = objective.to(self.device)
         self.model = self.wrap(model)
-        if broadcast or _on_meta(model):
-            if _on_meta(model):
-                model.to_empty(device="cpu" if self.options.cpu_offload else self.device)
+        if on_meta:
+            model.to_empty(device="cpu" if self.options.cpu_offload else self.device)
+            if self.options.cpu_offload:
                 _buffers_to(model, self.device)
-            set_model_state_dict(
-                model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-            )
+        if broadcast:
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_model_state_dict(model, full_state, options=options)
             for buffer in model.buffers():  # not in the state dict (rotary inv_freq): rank 0's values
                 dist.broadcast(buffer.data, src=0)
         del full_state
         self.broadcast_parameters(self.objective)
-        self.optimizer = build_optimizer(self.model, self.train, self.objective)
-        self.scheduler = build_scheduler(self.optimizer, self.train)
+        self.build_optimizer()
         return self.model
 
     def place_frozen(self, module: nn.Module) -> nn.Module:
@@ -186,7 +193,7 @@ def _buffers_to(model: nn.Module, device: torch.device) -> None:
                 module._buffers[name] = buffer.to(device)
 
 
-def read_dcp_weights(checkpoint: Path, model: nn.Module) -> None:
+def read_weights(checkpoint: Path, model: nn.Module) -> None:
     """Load the student's weights from a DCP checkpoint into a plain (unsharded) model, in one
     process: DCP reassembles every rank's shards (what ``lowbit eval`` and ``export`` read)."""
     import torch.distributed.checkpoint as dcp

@@ -85,20 +85,43 @@ def _check_train(train: TrainConfig) -> None:
 
 
 def with_launcher_options(cfg: StrategyConfig, train: TrainConfig, engine: str) -> StrategyConfig:
-    """``cfg`` with the options an accelerate config set for ``engine`` where ``cfg`` has none;
-    a contradiction is an error naming both."""
+    """``cfg`` with the options an accelerate config set for ``engine`` where ``cfg`` leaves them at
+    their defaults (an unset section is all defaults); a value set in both that differs is an
+    error naming both. The adopted options are checked as the run config's own are."""
     if launcher_engine() != engine:
         return cfg
     _check_train(train)
     found = _fsdp2_from_env() if engine == "fsdp2" else _deepspeed_from_env()
-    section, default = (cfg.fsdp2, FSDP2Config) if engine == "fsdp2" else (cfg.deepspeed, DeepSpeedConfig)
-    if section is None:
-        return dataclasses.replace(cfg, **{engine: default(**found)})
+    default = FSDP2Config() if engine == "fsdp2" else DeepSpeedConfig()
+    section = getattr(cfg, engine) or default
+    merged = {}
     for key, value in found.items():
         ours = getattr(section, key)
-        if ours != value and not (key == "config" and ours is None):
+        if ours != getattr(default, key) and ours != value:
             raise UserError(
                 f"the accelerate config sets {key}={value} for {engine} but strategy.{engine}.{key} is {ours}: "
                 f"make them equal, or drop one of them"
             )
-    return cfg
+        merged[key] = value
+    adopted = dataclasses.replace(section, **merged)
+    if isinstance(adopted, DeepSpeedConfig):
+        _check_deepspeed(adopted)
+    return dataclasses.replace(cfg, **{engine: adopted})
+
+
+def _check_deepspeed(options: DeepSpeedConfig) -> None:
+    for key in ("offload_optimizer", "offload_param"):
+        if getattr(options, key) not in ("none", "cpu"):
+            raise UserError(
+                f"the accelerate config sets {key}_device={getattr(options, key)}: lowbit offloads to none or cpu "
+                "(NVMe offload: put it in a DeepSpeed JSON, strategy.deepspeed.config)"
+            )
+    if options.stage not in (1, 2, 3):
+        raise UserError(
+            f"the accelerate config sets zero_stage={options.stage}: lowbit runs ZeRO stage 1, 2 or 3"
+        )
+    if options.offload_param != "none" and options.stage != 3:
+        raise UserError(
+            f"the accelerate config offloads parameters (offload_param_device={options.offload_param}) with ZeRO stage "
+            f"{options.stage}: parameters are only partitioned at stage 3; set zero_stage: 3 or offload_param_device: none"
+        )
