@@ -4,6 +4,8 @@
 # The c10d rendezvous assigns node ranks, so nodes may start in any order; run.output_dir must
 # be on a filesystem all nodes share (checkpoints are written by global rank 0, RNG by every rank).
 set -euo pipefail
+# Each restart gets a fresh rendezvous store (a restarted rank never reads a dead peer's address).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 : "${NNODES:?set NNODES}" "${MASTER_ADDR:?set MASTER_ADDR (the rendezvous host)}"
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 MASTER_PORT=${MASTER_PORT:-29500}

@@ -153,7 +153,9 @@ def finalize(staging: Path, keep_last: int, digests: dict[str, dict[str, Any]] |
     return final
 
 
-def save(strategy: Strategy, run_dir: Path, state: TrainerState, config_yaml: str, keep_last: int) -> Path | None:
+def save(
+    strategy: Strategy, run_dir: Path, state: TrainerState, config_yaml: str, keep_last: int
+) -> Path | None:
     """Collective: write a checkpoint of the current step; returns its path on rank 0.
 
     Every rank hashes (and fsyncs) a share of the written files in parallel — a sharded checkpoint

@@ -89,6 +89,10 @@ def _launch_local(nproc: int, config: str, overrides: list[str], max_restarts: i
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from lowbit.trainer.strategies.distributed import FRESH_STORE_PER_ROUND
+
+    os.environ.setdefault(FRESH_STORE_PER_ROUND, "1")  # a restarted attempt never sees the last one's keys
+
     args = get_args_parser().parse_args(
         [
             "--standalone",

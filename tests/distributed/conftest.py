@@ -34,13 +34,16 @@ REFERENCES = [*METHOD_NAMES, "kd_topk_cache", "masked_fused_kd"]
 assert set(METHOD_NAMES) <= set(METHODS)
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: float = 900, extra: tuple[str, ...] = ()):
-    """``torchrun --standalone --nproc_per_node N [extra] -m ARGS`` from the repo root."""
+def torchrun(
+    *args: str, nproc: int = 2, timeout: float = 900, extra: tuple[str, ...] = (), env: dict | None = None
+):
+    """``torchrun --standalone --nproc_per_node N [extra] -m ARGS`` from the repo root, as a user
+    would start it (torch's default store sharing: lowbit's prefix per attempt applies)."""
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
          "-m", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )  # fmt: skip
 
 

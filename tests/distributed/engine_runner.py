@@ -1,8 +1,7 @@
 """Runs engine scenarios inside one launched process group (torchrun), so one launch serves many.
 
     torchrun --nproc_per_node 2 -m tests.distributed.engine_runner equivalence OUT ENGINE:METHOD ...
-    torchrun --nproc_per_node 2 -m tests.distributed.engine_runner memory OUT
-    torchrun --nproc_per_node 2 -m tests.distributed.engine_runner fake_quant OUT
+    torchrun --nproc_per_node 2 -m tests.distributed.engine_runner memory OUT ENGINE ...
 
 Starting Python, torch, transformers and DeepSpeed costs several seconds per process; a test
 that launched once per engine × method would spend most of CI's time starting up. Each scenario

@@ -117,7 +117,8 @@ def test_two_nodes_train_checkpoint_and_resume_by_themselves_after_a_rank_dies(t
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lowbit-test",
             "--max-restarts=1", "-m", "lowbit.trainer", "train", str(TINY), *overrides, *hooks,
             "train.max_steps=5", "checkpoint.every_steps=2", "eval.every_steps=0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # as launch/torchrun_multi_node.sh starts it: a fresh store per rendezvous round
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     nodes = [subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]  # fmt: skip
     outputs = [job.communicate(timeout=600) for job in nodes]

@@ -27,7 +27,9 @@ def read_weights(layout: str, checkpoint, model) -> None:
     """Load the student's weights of a checkpoint of ``layout`` into ``model`` (one process)."""
     if layout not in LAYOUT_READERS:
         raise UserError(f"checkpoint {checkpoint}: unknown layout {layout!r} (written by a newer lowbit?)")
-    importlib.import_module(f"lowbit.trainer.strategies.{LAYOUT_READERS[layout]}").read_weights(checkpoint, model)
+    importlib.import_module(f"lowbit.trainer.strategies.{LAYOUT_READERS[layout]}").read_weights(
+        checkpoint, model
+    )
 
 
 def resolve_name(cfg: StrategyConfig) -> str:

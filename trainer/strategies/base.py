@@ -185,6 +185,14 @@ class Strategy:
     def reduce_extra_gradients(self) -> None:
         """Make the gradients of parameters outside the wrapped model (a loss projection) global."""
 
+    def fill_missing_gradients(self) -> None:
+        """A trained parameter that got no gradient this step (a learned scale while fake quant is
+        still off) takes the step with a zero gradient, as DeepSpeed's partitioned optimizer does:
+        Adam's step count and momentum then evolve alike on every engine (torch would skip it)."""
+        for param in self.trained_parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
+
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip every trained gradient together to ``max_norm``; return the norm before clipping."""
         return clip_grad_norm([p for p in self.trained_parameters() if p.requires_grad], max_norm)
@@ -194,6 +202,7 @@ class Strategy:
         gradients. Returns the gradient norm before clipping (None when clipping is off)."""
         assert self.optimizer is not None and self.scheduler is not None
         self.reduce_extra_gradients()
+        self.fill_missing_gradients()
         norm = self.clip_grad_norm(self.train.max_grad_norm) if self.train.max_grad_norm > 0 else None
         self.optimizer.step()
         self.scheduler.step()

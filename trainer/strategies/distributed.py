@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from typing import Any
 
@@ -13,23 +14,39 @@ from torch import Tensor, nn
 from lowbit.trainer.config import StrategyConfig, TrainConfig
 from lowbit.trainer.strategies.base import Strategy, launched_world_size, pick_device
 
+logger = logging.getLogger("lowbit")
+
+
+# Set for the launcher (lowbit's own and launch/ scripts do): each rendezvous round then gets a
+# fresh store on a new port, hosted by rank 0, instead of the agent's store shared by all rounds.
+FRESH_STORE_PER_ROUND = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
 
 def _launch_store(timeout: datetime.timedelta) -> dist.Store:
-    """The launcher's key-value store (``env://``); under one torchrun agent, with a prefix unique
-    to this launch attempt.
+    """The launcher's key-value store (``env://``), without keys of an earlier launch attempt.
 
-    torchrun keeps the store its workers share across ``--max-restarts`` restarts, and the keys
-    the previous attempt's ranks published (their gloo addresses) are still in it: a restarted
-    rank could read a dead peer's address before the new peer wrote its own, and fail to connect
-    ("Connection refused": 2 of 5 restarts of a 2-process probe here). With one agent (one node)
-    its restart count names the attempt for every rank. With several agents it cannot: an agent
-    whose own workers were healthy restarts them without counting (seen: counts 0 and 1 on the two
-    nodes of one attempt), so there the store is used as torch uses it.
+    By default torchrun's workers share the agent's store across ``--max-restarts`` restarts,
+    and the keys the previous attempt's ranks published (their gloo addresses) are still in it: a
+    restarted rank can read a dead peer's address before the new peer wrote its own, and fail to
+    connect ("Connection refused": 2 of 5 restarts of a 2-process probe here). With
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in the launcher's environment every round gets a
+    fresh store, and nothing needs doing. Otherwise, under one agent (one node), its restart count
+    names the attempt for every rank, and prefixes the keys. Under several agents it cannot (an
+    agent whose own workers were healthy restarts them without counting: counts 0 and 1 were seen
+    on the two nodes of one attempt), so the store is used as is, with a warning.
     """
     from torch.distributed.rendezvous import rendezvous
 
     store, _, _ = next(rendezvous("env://", timeout=timeout))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
     if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if os.environ.get("RANK") == "0":
+            logger.warning(
+                "torchrun shares its store across restarts: a restarted multi-node job can fail to reconnect. "
+                "Set %s=1 in the launcher's environment (launch/ scripts do)",
+                FRESH_STORE_PER_ROUND,
+            )
         return store
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"lowbit/attempt-{attempt}", store)
