@@ -33,4 +33,11 @@ if accelerator.device_name() == "cpu":
     accelerator.create_op_builder("ShareMemCommBuilder").load()
 accelerator.create_op_builder("CPUAdamBuilder").load()
 PY
+# Processes started by the `deepspeed` launcher build that op with a different command (ninja
+# rebuilds it whenever the two alternate, ~40 s each time): the tests give them their own cache,
+# filled here, once.
+if "$venv/bin/python" -c "from deepspeed.accelerator import get_accelerator as a; raise SystemExit(a().device_name() != 'cpu')"; then
+  TORCH_EXTENSIONS_DIR="${HOME}/.cache/torch_extensions_deepspeed_launcher" PATH="$venv/bin:$PATH" \
+    "$venv/bin/deepspeed" --num_gpus 1 --master_port 29555 launch/build_deepspeed_ops.py
+fi
 "$venv/bin/python" -c "import torch, transformers, lowbit.trainer.loop; print('lowbit env ready: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -29,6 +29,11 @@ EXTRA_RUNS = [
     ("fsdp2", "kd_topk_cache", "kd_topk_cache"),
     ("zero3", "kd_topk_cache", "kd_topk_cache"),
 ]
+# Same code path as another cell of the table (CI time): fsdp2 without resharding differs from
+# fsdp2 only in when layers are freed; ZeRO-1 shares ZeRO-2's optimizer partitioning.
+SKIPPED = {("fsdp2_keep", m) for m in ("masked", "qat_lsq_int3", "qat_schedule", "kd_relation", "qad")} | {
+    ("zero1", m) for m in ("masked", "qat_lsq_int3", "kd_relation", "qad")
+}
 PROBES = ["fsdp2", "fsdp2_keep", "zero3"]  # engines whose forwards are checked against fresh weights
 REFERENCES = [*METHOD_NAMES, "kd_topk_cache", "masked_fused_kd"]
 assert set(METHOD_NAMES) <= set(METHODS)
@@ -60,7 +65,12 @@ def engine_runs(tmp_path_factory):
         nproc=1,
     )
     assert one.returncode == 0, one.stderr[-6000:]
-    pairs = [f"{engine}:{method}" for engine in ENGINE_NAMES for method in METHOD_NAMES]
+    pairs = [
+        f"{engine}:{method}"
+        for engine in ENGINE_NAMES
+        for method in METHOD_NAMES
+        if (engine, method) not in SKIPPED
+    ]
     pairs += [f"{engine}:{method}" for engine, method, _ in EXTRA_RUNS] + [f"{e}:qat_probe" for e in PROBES]
     two = torchrun("tests.distributed.engine_runner", "equivalence", str(out), *pairs)
     assert two.returncode == 0, two.stderr[-6000:]
