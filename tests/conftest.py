@@ -12,6 +12,11 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The environment's own tools first (as in an activated venv): DeepSpeed JIT-builds its C++ ops
+# with whichever `ninja` PATH finds, and two ninjas (the venv's, the system's) record different
+# command hashes, so alternating them rebuilds every op (~45 s each). setup_env.sh prebuilds the
+# ops with this PATH too.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -111,3 +111,18 @@ def test_rng_state_round_trip():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     ckpt.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_a_deepspeed_checkpoint_of_another_zero_stage_is_refused_naming_the_stage(tmp_path):
+    """ZeRO stages partition the optimizer differently: the stage that wrote it is named. (Another
+    world size is accepted: tests/distributed/test_faults.py resumes 2-rank checkpoints on 1.)"""
+    from lowbit.trainer.config import DeepSpeedConfig
+    from lowbit.trainer.strategies.deepspeed import DeepSpeedStrategy
+
+    strategy = object.__new__(DeepSpeedStrategy)  # the check needs no engine and no process group
+    strategy.options, strategy.world_size = DeepSpeedConfig(stage=3), 1
+    state = {"engine": "deepspeed-zero2", "layout": "deepspeed", "world_size": 2}
+    with pytest.raises(UserError, match="resume with strategy.deepspeed.stage=2"):
+        strategy.check_resumable(tmp_path, state)
+    strategy.check_resumable(tmp_path, {**state, "engine": "deepspeed-zero3"})
+    assert strategy.written_by_world_size == 2

@@ -10,9 +10,12 @@ micro-batch only accumulates, ``optimizer_step`` is the boundary.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,7 @@ class DeepSpeedStrategy(DistributedStrategy):
             dist_backend=self.backend, timeout=datetime.timedelta(seconds=cfg.timeout_s)
         )
         self.frozen_engines: list[Any] = []
+        self.written_by_world_size = self.world_size  # of the checkpoint being resumed (check_resumable)
 
     @property
     def engine(self) -> str:
@@ -141,26 +145,80 @@ class DeepSpeedStrategy(DistributedStrategy):
                 f"ZeRO stages partition the optimizer differently; resume with strategy.deepspeed.stage="
                 f"{str(state.get('engine')).removeprefix('deepspeed-zero')}"
             )
-        if state.get("world_size") != self.world_size:
-            raise UserError(
-                f"checkpoint {checkpoint} holds ZeRO partitions for {state.get('world_size')} ranks and this job has "
-                f"{self.world_size}: relaunch with {state.get('world_size')} processes. (Its weights are complete: "
-                f"`lowbit export` and `lowbit eval` read it at any size. DeepSpeed converts it for other sizes with "
-                f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {checkpoint / TAG} --output_folder "
-                "UNIVERSAL_DIR`, which lowbit does not load yet.)"
-            )
+        self.written_by_world_size = int(state.get("world_size", self.world_size))
 
     def save_checkpoint(self, staging: Path) -> None:
         assert self.model is not None
         self.model.save_checkpoint(str(staging), tag=TAG, save_latest=False)
 
     def load_checkpoint(self, checkpoint: Path) -> None:
+        """DeepSpeed's own files at the world size that wrote them; at another, its universal
+        checkpoint: rank 0 converts the ZeRO partitions (``ds_to_universal``) into per-parameter
+        fp32 weights and Adam moments next to the checkpoint, every rank loads its new partition
+        from them, and the conversion is removed. The checkpoint itself is never modified."""
         assert self.model is not None
-        path, _ = self.model.load_checkpoint(
-            str(checkpoint), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        if self.written_by_world_size == self.world_size:
+            self._load_engine_checkpoint(checkpoint, universal=False)
+            return
+        universal = checkpoint.with_name(f".universal-{checkpoint.name}.tmp")
+        try:
+            problem = None
+            if self.is_main:
+                try:
+                    _convert_to_universal(checkpoint / TAG, universal / TAG)
+                except Exception as error:  # reported on every rank below, not only on rank 0
+                    problem = f"{type(error).__name__}: {error}"
+            problem = self.broadcast_object(problem)
+            if problem is not None:
+                raise UserError(
+                    f"checkpoint {checkpoint} holds ZeRO partitions for {self.written_by_world_size} ranks and "
+                    f"DeepSpeed's ds_to_universal could not convert them for {self.world_size} ({problem}): "
+                    f"relaunch with {self.written_by_world_size} processes"
+                )
+            self._load_engine_checkpoint(universal, universal=True)
+            if self.options.stage == 3:
+                self._repair_zero3_universal_load(universal / TAG / "zero" / "optimizer_state.pt")
+            self.barrier()
+        finally:
+            if self.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
+        logger.info(
+            "resumed %s of %d ranks on %d through DeepSpeed's universal checkpoint",
+            checkpoint.name, self.written_by_world_size, self.world_size,
+        )  # fmt: skip
+
+    def _repair_zero3_universal_load(self, optimizer_state: Path) -> None:
+        """Two slips of DeepSpeed 0.19's ZeRO-3 universal load
+        (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), undone here: every parameter
+        group gets group 0's hyperparameters (the no-decay group — norms, biases, quantizer scales —
+        would decay), and every group's Adam state holds one shared ``step`` tensor, which torch's
+        Adam increments in place once per group (bias correction would run ahead)."""
+        assert self.optimizer is not None
+        inner = self.optimizer.optimizer
+        saved = torch.load(optimizer_state, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        if len(saved["param_groups"]) != len(inner.param_groups):
+            raise UserError(
+                f"{optimizer_state}: {len(saved['param_groups'])} optimizer groups saved, "
+                f"{len(inner.param_groups)} in this run; resume with the config that wrote the checkpoint"
+            )
+        for group, values in zip(inner.param_groups, saved["param_groups"]):
+            group.update({key: value for key, value in values.items() if key != "params"})
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    def _load_engine_checkpoint(self, directory: Path, universal: bool) -> None:
+        assert self.model is not None
+        # The engine reads this flag from its config at load time; it is only set for this load.
+        self.model._config.load_universal_checkpoint = universal
+        try:
+            path, _ = self.model.load_checkpoint(
+                str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        finally:
+            self.model._config.load_universal_checkpoint = False
         if path is None:
-            raise UserError(f"checkpoint {checkpoint}: DeepSpeed found no engine state under {TAG}/")
+            raise UserError(f"checkpoint {directory}: DeepSpeed found no engine state under {TAG}/")
 
     def consolidated_state_dict(self) -> dict[str, Tensor]:
         assert self.model is not None
@@ -169,6 +227,24 @@ class DeepSpeedStrategy(DistributedStrategy):
             prefix = "student."
             return {name[len(prefix) :]: t.cpu() for name, t in state.items() if name.startswith(prefix)}
         return super().consolidated_state_dict()
+
+
+def _convert_to_universal(engine_dir: Path, out: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` in this process (one worker: no process pool inside a rank),
+    its progress printing kept out of the run's log. ``inject_missing_state`` adds the version
+    record that Megatron-DeepSpeed writes and a plain engine does not."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(out.parent, ignore_errors=True)  # a conversion an earlier attempt left
+    out.mkdir(parents=True)
+    args = Namespace(
+        input_folder=str(engine_dir), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
 
 
 def _cpu_adam():
