@@ -119,9 +119,11 @@ def quantize_model(
         report.parameters += sum(p.numel() for p in module.parameters(recurse=False))
         if not report.rule.skip:
             replacements.append((name, _fake_quant_version(name, module, report.rule)))
-    for report in reports:
+    for index, report in enumerate(reports):
         if not report.modules:
-            raise ValueError(_no_match_message(model, report.rule, protected))
+            raise ValueError(
+                _shadowed_message(reports, index) or _no_match_message(model, report.rule, protected)
+            )
     for name, replacement in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
@@ -139,6 +141,18 @@ def _fake_quant_version(name: str, module: nn.Module, rule: QuantRule) -> nn.Mod
         return FakeQuantLinear.from_linear(module, rule.weight, rule.activation)
     except ValueError as error:
         raise ValueError(f"quant rule {rule.match!r} on {name} ({type(module).__name__}): {error}") from None
+
+
+def _shadowed_message(reports: Sequence[RuleReport], index: int) -> str | None:
+    """Why rule ``index`` got nothing, when earlier rules took every module it matches."""
+    rule = reports[index].rule
+    for earlier in reports[:index]:
+        taken = [name for name in earlier.modules if rule.matches(name)]
+        if taken:
+            return (f"quant rule {rule.match!r} (rule {index}) gets no module: the earlier rule {earlier.rule.match!r} "
+                    f"already takes {taken[0]}{f' and {len(taken) - 1} more' if len(taken) > 1 else ''} it matches. Rules "
+                    f"are first-match: put {rule.match!r} before {earlier.rule.match!r}")  # fmt: skip
+    return None
 
 
 def _no_match_message(model: nn.Module, rule: QuantRule, protected: set[int]) -> str:

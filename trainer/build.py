@@ -102,7 +102,7 @@ def build_model_and_data(
         meta = not strategy.loads_weights
         model = build_model(cfg.model, model_dir, cfg.train.seed, len(tokenizer), meta=meta)
     if teacher is not None:
-        align_vocab(teacher, model)
+        align_vocab(teacher, model, trim=cfg.teacher.trim_vocab)
         if run_teacher:
             strategy.place_frozen(teacher.model)
         else:

@@ -164,22 +164,28 @@ def save(
     filesystem, as DCP and DeepSpeed assume on several nodes).
     """
     staging = staging_dir(run_dir, state.step)
-    if strategy.is_main:
-        shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier attempt at this step
-        staging.mkdir(parents=True)
-    strategy.barrier()
-    strategy.save_checkpoint(staging)
-    write_rank_files(staging, strategy.rank)
-    strategy.barrier()
-    share = _files(staging)[strategy.rank :: strategy.world_size]
-    digests: dict[str, dict[str, Any]] = {}
-    for part in strategy.all_gather_object(file_digests(staging, share)):
-        digests.update(part)
-    final = None
-    if strategy.is_main:
-        write_run_files(staging, state, config_yaml)
-        final = finalize(staging, keep_last, digests)
-        logger.info("saved %s", final)
+    try:
+        if strategy.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier attempt at this step
+            staging.mkdir(parents=True)
+        strategy.barrier()
+        strategy.save_checkpoint(staging)
+        write_rank_files(staging, strategy.rank)
+        strategy.barrier()
+        share = _files(staging)[strategy.rank :: strategy.world_size]
+        digests: dict[str, dict[str, Any]] = {}
+        for part in strategy.all_gather_object(file_digests(staging, share)):
+            digests.update(part)
+        final = None
+        if strategy.is_main:
+            write_run_files(staging, state, config_yaml)
+            final = finalize(staging, keep_last, digests)
+            logger.info("saved %s", final)
+    except OSError as error:  # a full disk, a lost mount: the earlier checkpoints stay as they were
+        raise UserError(
+            f"could not write the checkpoint of step {state.step} under {checkpoints_root(run_dir)} ({error}); the "
+            "earlier checkpoints are intact: free space (or fix the filesystem) and relaunch to resume from the newest"
+        ) from error
     strategy.barrier()
     return final
 
@@ -257,7 +263,15 @@ def choose_resume(mode: str, run_dir: Path) -> Path | None:
             )
         return None
     if mode == "auto":
-        return latest_valid_checkpoint(run_dir)
+        found = latest_valid_checkpoint(run_dir)
+        if found is None and checkpoint_dirs(run_dir):
+            damaged = ", ".join(path.name for path in checkpoint_dirs(run_dir))
+            raise UserError(
+                f"every checkpoint in {checkpoints_root(run_dir)} is damaged ({damaged}; the reasons are logged "
+                "above) and none was changed: restore them from a copy, or start over by moving them out of "
+                "checkpoints/ or with another run.output_dir"
+            )
+        return found
     path = Path(mode)
     problem = verify(path) if path.is_dir() else "no such directory"
     if problem is not None:
@@ -265,13 +279,25 @@ def choose_resume(mode: str, run_dir: Path) -> Path | None:
     return path
 
 
+TUNED = ("weight_decay", "betas", "eps")  # per optimizer group; the learning rate comes from the schedule
+
+
 def restore(strategy: Strategy, checkpoint: Path) -> TrainerState:
     """Collective: load an already verified checkpoint into the prepared strategy and this rank's RNG."""
     state = read_state(checkpoint)
     strategy.check_resumable(checkpoint, asdict(state))
+    assert strategy.optimizer is not None and strategy.scheduler is not None
+    # The optimizer and schedule were built from this run's config; loading overwrites their
+    # hyperparameters with the checkpoint's. This run's values win (a relaunch may lower the
+    # learning rate or lengthen the run on purpose; unchanged values are simply the same).
+    configured = [{k: group[k] for k in TUNED if k in group} for group in strategy.optimizer.param_groups]
+    base_lrs = list(strategy.scheduler.base_lrs)
     strategy.load_checkpoint(checkpoint)
-    assert strategy.scheduler is not None
     strategy.scheduler.load_state_dict(state.scheduler)
+    strategy.scheduler.base_lrs = base_lrs
+    for index, (group, values) in enumerate(zip(strategy.optimizer.param_groups, configured)):
+        group.update(values)
+        group["lr"] = base_lrs[index] * strategy.scheduler.lr_lambdas[index](strategy.scheduler.last_epoch)
     rng_file = checkpoint / f"rng-rank{strategy.rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

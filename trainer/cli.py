@@ -15,10 +15,12 @@ from lowbit.trainer.errors import EXIT_USER_ERROR, UserError
 from lowbit.trainer.preemption import Preempted
 
 EPILOG = """examples:
+  lowbit recipes
   lowbit train configs/tiny.yaml train.max_steps=50
   lowbit train --nproc-per-node 2 configs/tiny.yaml
   lowbit config configs/quickstart.yaml train.lr=1e-4
   lowbit eval runs/tiny
+  lowbit generate runs/tiny --prompt "Gentlemen of the Senate"
   lowbit export runs/qat_gguf_q4_0 --format gguf-q4_0 --out smollm2-q4_0.gguf
   lowbit export ~/models/my-llama --format compressed-tensors --out my-llama-w4a16 --ptq
 """
@@ -34,7 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     # `deepspeed --module lowbit.trainer ...` inserts --local_rank=N before our arguments; the rank
     # itself is read from the environment (LOCAL_RANK), so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"lowbit {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    recipes = commands.add_parser("recipes", help="list the shipped recipes (configs/*.yaml), one line each")
+    recipes.add_argument(
+        "directory", nargs="?", default=None, help="a folder of recipes (default: lowbit's configs/)"
+    )
     train = commands.add_parser("train", help="train from a YAML recipe (+ key=value overrides)")
     train.add_argument(
         "--nproc-per-node",
@@ -57,13 +64,29 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("config")
     show.add_argument("overrides", nargs="*", metavar="key=value")
     evaluate = commands.add_parser("eval", help="validation loss and perplexity of a model or run")
-    evaluate.add_argument("target", help="a YAML recipe, a run directory or a checkpoint directory")
+    evaluate.add_argument(
+        "target",
+        help="a YAML recipe, a run directory, a checkpoint directory, or a model (.gguf file or HF directory: "
+        "give its text with data.val_files=[FILE])",
+    )
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
     cache = commands.add_parser(
         "teacher-cache", help="store the teacher's top-k logits for the training data"
     )
     cache.add_argument("config")
     cache.add_argument("overrides", nargs="*", metavar="key=value")
+    gen = commands.add_parser(
+        "generate", help="a few completions from a run, checkpoint or model (fake quant on)"
+    )
+    gen.add_argument("source", help="a run directory, a checkpoint directory, a YAML recipe or a model path")
+    gen.add_argument("--prompt", action="append", required=True, help="text to complete (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampled")
+    gen.add_argument("--seed", type=int, default=0, help="for sampling")
+    gen.add_argument(
+        "--chat", action="store_true", help="send each prompt as a user turn of the chat template"
+    )
+    gen.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     export = commands.add_parser("export", help="write a trained model in a packed low-bit format")
     export.add_argument(
         "source", help="a run directory, a checkpoint directory, a YAML recipe or a model path"
@@ -174,6 +197,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from lowbit.trainer.generate_cli import generate
+
+    completions = generate(
+        Path(args.source), args.prompt, args.overrides, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, seed=args.seed, chat=args.chat,
+    )  # fmt: skip
+    for completion in completions:
+        print(f"--- {completion.prompt!r} (+{completion.new_tokens} tokens)")
+        print(completion.prompt + completion.text if not args.chat else completion.text)
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from lowbit.trainer.config import load_config, to_yaml
 
@@ -201,6 +237,42 @@ def _teacher_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lowbit")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    """Each recipe's file name and the first line of its header comment."""
+    directory = Path(args.directory) if args.directory else Path(__file__).resolve().parents[1] / "configs"
+    recipes = sorted(directory.glob("*.yaml")) if directory.is_dir() else []
+    if not recipes:
+        raise UserError(
+            f"no recipes (*.yaml) in {directory}: the recipes ship in the repository's configs/ folder; "
+            "give its path, e.g. `lowbit recipes path/to/lowbit/configs`"
+        )
+    width = max(len(recipe.name) for recipe in recipes)
+    for recipe in recipes:
+        print(f"{recipe.name.ljust(width)}  {_first_sentence(recipe)}")
+    return 0
+
+
+def _first_sentence(recipe: Path) -> str:
+    """The first sentence of a recipe's leading ``#`` comment."""
+    header = []
+    for line in recipe.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    text = " ".join(part for part in header if part)
+    sentence = text.split(". ")[0].split(":  ")[0].rstrip(".")
+    return sentence or "(no description)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {
@@ -209,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval": _eval,
         "teacher-cache": _teacher_cache,
         "export": _export,
+        "recipes": _recipes,
+        "generate": _generate,
     }[args.command]
     try:
         return command(args)

@@ -53,6 +53,9 @@ class TeacherConfig(ModelSource):
     """Hold the teacher in NF4 (bitsandbytes) to save memory."""
     cache: Optional[str] = None
     """An offline top-k cache (``lowbit teacher-cache``) read instead of running the teacher."""
+    trim_vocab: bool = False
+    """Compare logits on the student's shorter range even if the teacher's extra head rows look
+    like real vocabulary (non-zero, distinct); by default that is refused."""
 
 
 @dataclass
@@ -151,6 +154,9 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto (newest complete checkpoint in the run dir, if any) | never | a checkpoint directory."""
     save_final: bool = True
+    allow_config_change: bool = False
+    """Resume even if the checkpoint's config trains another model, quantization, loss or data
+    (refused by default: it would mix two runs). Optimizer and schedule changes are always allowed."""
 
 
 @dataclass

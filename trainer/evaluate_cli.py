@@ -12,7 +12,7 @@ from typing import Any
 
 from lowbit.trainer import checkpoint as ckpt
 from lowbit.trainer.build import build_model_and_data, seed_everything
-from lowbit.trainer.config import load_config
+from lowbit.trainer.config import RunConfig, load_config
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import setup_console_logging
@@ -38,13 +38,38 @@ def resolve_target(target: Path) -> tuple[Path, Path | None]:
         raise UserError(
             f"run directory {target} has no complete checkpoint yet (train it first, or give the recipe)"
         )
-    return target / "config.yaml", checkpoint
+    # the config that wrote these weights (the run's own config.yaml may be a later relaunch's)
+    return checkpoint / "config.yaml", checkpoint
+
+
+def is_model(target: Path) -> bool:
+    """A model as it is: a ``.gguf`` file or a Hugging Face directory."""
+    return target.suffix == ".gguf" or (target.is_dir() and (target / "config.json").is_file())
+
+
+def model_config(model: Path, overrides: list[str]) -> RunConfig:
+    """The config that evaluates ``model`` as it is, on the text the overrides name
+    (``data.val_files``, or ``data.train_files`` with ``data.val_fraction`` carved from it)."""
+    keys = {override.split("=", 1)[0] for override in overrides}
+    if not keys & {"data.train_files", "data.val_files"}:
+        raise UserError(
+            f"{model} is a model: give the text to evaluate it on, e.g. `lowbit eval {model} "
+            "data.val_files=[held_out.txt]`"
+        )
+    # only validation text given: it stands in for the (unused) training files too
+    stand_in = [] if "data.train_files" in keys else [
+        o.replace("data.val_files=", "data.train_files=", 1) for o in overrides if o.startswith("data.val_files=")
+    ]  # fmt: skip
+    return load_config(None, [f"model.path={model}", *stand_in, *overrides])
 
 
 def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
     """Rows of ``{name, val_loss, val_ppl, val_tokens[, recovered]}`` (empty on non-main ranks)."""
-    config_file, checkpoint = resolve_target(target)
-    cfg = load_config(config_file, overrides)
+    if is_model(target):
+        cfg, checkpoint = model_config(target, overrides), None
+    else:
+        config_file, checkpoint = resolve_target(target)
+        cfg = load_config(config_file, overrides)
     strategy = inference_strategy(cfg.strategy, cfg.train)
     setup_console_logging(strategy.is_main)
     rows: list[dict[str, Any]] = []

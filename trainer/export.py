@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.trainer.errors import UserError
+from lowbit.trainer.preflight import check_writable_dir
 
 
 @dataclass(frozen=True)
@@ -264,8 +265,9 @@ def _size(path: Path) -> int:
 def _check_output(out: Path, source: Path, single_file: bool, overwrite: bool) -> Path:
     """The resolved ``--out``; refuses anything that could lose work before a byte is written."""
     out = out.expanduser().resolve()
-    if not out.parent.is_dir():
+    if not out.parent.exists():
         raise UserError(f"the parent directory of --out, {out.parent}, does not exist")
+    check_writable_dir(out.parent, "--out", out)
     source = source.expanduser().resolve()
     if out == source or out in source.parents:
         raise UserError(f"--out {out} is the source or contains it; choose another path")

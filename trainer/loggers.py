@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,13 @@ class JsonlWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    def last_step(self) -> int:
+        """The highest step written so far (0 for a new file)."""
+        if not self.path.exists():
+            return 0
+        steps = [json.loads(line).get("step", 0) for line in self.path.read_text().splitlines() if line]
+        return max(steps, default=0)
+
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
@@ -54,14 +62,19 @@ class JsonlWriter:
 class WandbSink:
     """A W&B run that never stops training: failures are reported once and then ignored."""
 
+    ID_FILE = "wandb_run_id"  # in the run directory: every launch of the run continues one W&B run
+
     def __init__(self, cfg: LogConfig, run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
         self.run = None
+        self.held_through = 0  # steps W&B already holds from an earlier launch (it takes no step twice)
         wandb_cfg = cfg.wandb
         if wandb_cfg.mode == "disabled":
             return
         try:
             import wandb
 
+            id_file = run_dir / self.ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             self.run = wandb.init(
                 mode=wandb_cfg.mode,
                 project=wandb_cfg.project,
@@ -70,15 +83,31 @@ class WandbSink:
                 tags=list(wandb_cfg.tags),
                 config=config,
                 dir=str(run_dir),
+                id=run_id,
+                resume="allow",
                 settings=wandb.Settings(init_timeout=wandb_cfg.init_timeout_s, silent=True),
             )
+            id_file.write_text(run_id + "\n")
         except Exception as error:  # network, auth, anything: W&B is never worth a lost run
             logger.warning(
                 "W&B could not start (%s: %s); training continues without it", type(error).__name__, error
             )
 
+    def resume(self, start_step: int, logged_through: int) -> None:
+        """A relaunch from the checkpoint of ``start_step`` when the earlier launch had logged up
+        to ``logged_through``: W&B keeps what it holds (its steps only increase) and receives
+        this launch's metrics from the first step past it."""
+        if self.run is None or logged_through <= start_step:
+            return
+        self.held_through = logged_through
+        logger.warning(
+            "W&B run %s continues: it keeps steps %d-%d from before the interruption and receives new "
+            "steps from %d on (metrics.jsonl has this launch's values for every step)",
+            self.run.id, start_step + 1, logged_through, logged_through + 1,
+        )  # fmt: skip
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self.run is None:
+        if self.run is None or step <= self.held_through:
             return
         try:
             self.run.log(metrics, step=step)
@@ -95,8 +124,15 @@ class WandbSink:
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    """``val_loss 2.9919  val_ppl 19.92  val_tokens 13,335``: floats to 4 places, ints grouped."""
-    return "  ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items())
+    """``val_loss 2.9919  val_ppl 19.92  val_tokens 13,335  recovered 87.3%``: floats to 4 places,
+    ints grouped, shares as percentages."""
+    return "  ".join(_format_metric(key, value) for key, value in metrics.items())
+
+
+def _format_metric(key: str, value: Any) -> str:
+    if key == "recovered":
+        return f"{key} {100 * value:.1f}%"
+    return f"{key} {value:,}" if isinstance(value, int) else f"{key} {value:.4f}"
 
 
 def _format_duration(seconds: float) -> str:
@@ -152,10 +188,15 @@ class MetricsLogger:
         self.wandb = WandbSink(cfg, run_dir, run_name, config) if enabled else None
         self.progress: Progress | None = None
 
-    def start(self, max_steps: int, start_step: int) -> None:
+    def start(self, max_steps: int, start_step: int, facts: dict[str, Any] | None = None) -> None:
+        """Before the first step: W&B and metrics.jsonl continue from ``start_step``; the file
+        gets a ``{"step": start_step, "start": facts}`` record of what this launch runs."""
         if self.enabled:
-            assert self.jsonl is not None
+            assert self.jsonl is not None and self.wandb is not None
+            self.wandb.resume(start_step, self.jsonl.last_step())  # what the earlier launch logged
             self.jsonl.truncate_after(start_step)
+            if facts is not None:
+                self.jsonl.write({"step": start_step, "start": facts})
             self.progress = Progress(self.cfg.progress, max_steps, start_step)
 
     def log_train(self, step: int, metrics: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import MetricsLogger, setup_console_logging
 from lowbit.trainer.preemption import Preempted, StopSignals
+from lowbit.trainer.preflight import check_room_for_checkpoint, check_run_dir
+from lowbit.trainer.resume_guard import check_config_drift
 from lowbit.trainer.strategies import Strategy, build_strategy
 
 logger = logging.getLogger("lowbit")
@@ -41,6 +44,8 @@ class Trainer:
         self.config_yaml = to_yaml(cfg)
         resume_from = self._choose_resume()
         self.parts: Components = build_components(cfg, self.strategy)
+        total, trained = self.strategy.count_parameters(self.parts.model)
+        self._decided_on_main(lambda: check_room_for_checkpoint(self.run_dir, total, trained))
         self.step = 0
         if resume_from is not None:
             state = ckpt.restore(self.strategy, resume_from)
@@ -52,6 +57,11 @@ class Trainer:
                     self.parts.train_batches.global_batch_size,
                 )
             logger.info("resumed from %s at step %d", resume_from, self.step)
+            if self.step >= cfg.train.max_steps:
+                logger.warning(
+                    "the run is already at step %d of train.max_steps=%d: nothing left to train (raise "
+                    "train.max_steps to continue it)", self.step, cfg.train.max_steps,
+                )  # fmt: skip
         # Written once everything is built and resumed: a run that cannot start changes nothing.
         self.strategy.barrier()
         if self.strategy.is_main:
@@ -59,34 +69,76 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             logger.info("%s", self.describe())
         run_name = cfg.run.name or self.run_dir.name
-        self.metrics = MetricsLogger(cfg.log, self.run_dir, run_name, config_dict(cfg), self.strategy.is_main)
+        self.run_facts = self.facts()
+        logged_config = {**config_dict(cfg), "lowbit": self.run_facts}
+        self.metrics = MetricsLogger(cfg.log, self.run_dir, run_name, logged_config, self.strategy.is_main)
         self.last_eval: dict[str, float] = {}
 
     def _choose_resume(self) -> Path | None:
-        """Rank 0 verifies (hashes) the checkpoint to resume from, once, and tells the others which
-        one it chose — or the problem, which every rank then raises (none is left waiting)."""
-        choice: str | None = None
+        """Rank 0 checks the run directory and verifies (hashes) the checkpoint to resume from,
+        once; every rank learns its choice, or raises its refusal."""
+
+        def choose() -> str | None:
+            check_run_dir(self.run_dir)
+            found = ckpt.choose_resume(self.cfg.checkpoint.resume, self.run_dir)
+            if found is None:
+                return None
+            check_config_drift(found, self.cfg)
+            return str(found)
+
+        choice = self._decided_on_main(choose)
+        return None if choice is None else Path(choice)
+
+    def _decided_on_main(self, decide: Callable[[], Any]) -> Any:
+        """``decide()`` on rank 0, its result on every rank — or its ``UserError`` raised on every
+        rank, so none is left waiting in a collective for a rank that gave up."""
+        result: Any = None
         problem: str | None = None
         if self.strategy.is_main:
             try:
-                found = ckpt.choose_resume(self.cfg.checkpoint.resume, self.run_dir)
-                choice = None if found is None else str(found)
+                result = decide()
             except UserError as error:
                 problem = str(error)
-        choice, problem = self.strategy.broadcast_object((choice, problem))
+        result, problem = self.strategy.broadcast_object((result, problem))
         if problem is not None:
             raise UserError(problem)
-        return None if choice is None else Path(choice)
+        return result
+
+    def facts(self) -> dict[str, Any]:
+        """What runs, in numbers: the start line, W&B's config (``lowbit``) and the start record
+        of metrics.jsonl say the same."""
+        cfg, strategy, batches = self.cfg, self.strategy, self.parts.train_batches
+        total, trained = strategy.count_parameters(self.parts.model)
+        student = strategy.unwrap(self.parts.model)
+        quantized = sum(  # weights with a weight quantizer (a ZeRO-3 placeholder counts its full size)
+            getattr(module.weight, "ds_numel", module.weight.numel())
+            for module in student.modules()
+            if getattr(module, "weight_quantizer", None) is not None
+        )
+        sequences = len(batches.examples)
+        return {
+            "model": cfg.model.path or ("teacher layers" if cfg.model.init_from_teacher else "random (model.config)"),
+            "engine": strategy.engine, "world_size": strategy.world_size, "device": strategy.device.type,
+            "global_batch_size": batches.global_batch_size, "micro_batch_size": batches.micro_batch_size,
+            "grad_accum_steps": batches.grad_accum_steps, "tokens_per_step": batches.global_batch_size * cfg.data.seq_len,
+            "parameters": total, "trained_parameters": trained, "quantized_parameters": quantized,
+            "train_sequences": sequences, "val_sequences": len(self.parts.val) if self.parts.val is not None else 0,
+            "epochs": cfg.train.max_steps * batches.global_batch_size / max(1, sequences),
+            "run_dir": str(self.run_dir),
+            "wandb_dir": str(self.run_dir / "wandb") if cfg.log.wandb.mode != "disabled" else None,
+        }  # fmt: skip
 
     def describe(self) -> str:
-        """One line on what runs: engine, ranks, global batch, parameters, run directory."""
-        strategy, batches = self.strategy, self.parts.train_batches
-        total, trained = strategy.count_parameters(self.parts.model)
+        """One line on what runs: engine, ranks, global batch, parameters, data, directories."""
+        f = self.facts()
         return (
-            f"engine {strategy.engine} on {strategy.world_size} rank(s) ({strategy.device.type}) | global batch "
-            f"{batches.global_batch_size} = {batches.micro_batch_size} micro × {batches.grad_accum_steps} accum × "
-            f"{strategy.world_size} ranks | {total / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained | "
-            f"{len(batches.examples):,} training sequences | run dir {self.run_dir}"
+            f"engine {f['engine']} on {f['world_size']} rank(s) ({f['device']}) | global batch "
+            f"{f['global_batch_size']} = {f['micro_batch_size']} micro × {f['grad_accum_steps']} accum × "
+            f"{f['world_size']} ranks ({f['tokens_per_step']:,} tokens) | {f['parameters'] / 1e6:.2f}M parameters, "
+            f"{f['trained_parameters'] / 1e6:.2f}M trained, {f['quantized_parameters'] / 1e6:.2f}M quantized | "
+            f"{f['train_sequences']:,} training / {f['val_sequences']:,} validation sequences, "
+            f"{self.cfg.train.max_steps} steps = {f['epochs']:.2f} epochs | model {f['model']} | run dir {self.run_dir}"
+            + (f" | W&B {f['wandb_dir']}" if f["wandb_dir"] else "")
         )
 
     # -- pieces of a step -------------------------------------------------------------------------
@@ -173,7 +225,7 @@ class Trainer:
         """
         cfg, parts = self.cfg, self.parts
         max_steps = cfg.train.max_steps
-        self.metrics.start(max_steps, self.step)
+        self.metrics.start(max_steps, self.step, self.run_facts)
         for hook in parts.hooks:
             hook.on_train_start(self)
         first_eval: dict[str, float] = {}

@@ -72,10 +72,25 @@ def build_teacher(
     return Teacher(model, None)
 
 
-def align_vocab(teacher: Teacher, student: nn.Module) -> Teacher:
-    """Record the shared logit range when student and teacher heads differ only in padding."""
+def align_vocab(teacher: Teacher, student: nn.Module, trim: bool = False) -> Teacher:
+    """Record the shared logit range when student and teacher heads differ only in padding.
+
+    Both heads cover the (identical) tokenizer, so the rows cut lie past every token. A student's
+    extra rows only leave the comparison; a teacher's would also leave its softmax, so they must
+    be padding: all zero, or copies of one row. Distinct non-zero rows are refused unless
+    ``teacher.trim_vocab`` says they are unused."""
     student_size, teacher_size = _output_size(student), _output_size(teacher.model)
     teacher.shared_vocab = None if student_size == teacher_size else min(student_size, teacher_size)
+    if teacher_size > student_size and not trim:
+        extra = teacher.model.get_output_embeddings().weight.detach()[student_size:].float()
+        distinct = torch.unique(extra[extra.abs().amax(dim=1) > 0], dim=0).shape[0]
+        if distinct > 1:
+            raise UserError(
+                f"the teacher's head has {teacher_size} rows and the student's {student_size}: its "
+                f"{teacher_size - student_size} extra rows hold {distinct} distinct non-zero vectors, so they look "
+                "like vocabulary rather than padding, and cutting them would change the teacher's distribution. "
+                "Give the student the teacher's vocab_size, or set teacher.trim_vocab=true if no token uses them"
+            )
     return teacher
 
 

@@ -211,7 +211,8 @@ def _module_kinds(inputs: ExportInputs) -> tuple[dict[str, str], str | None]:
 # --------------------------------------------------------------------------------------------
 
 
-def _weight_problem(name: str, weight: QuantizedWeight) -> str | None:
+def weight_problem(name: str, weight: QuantizedWeight) -> str | None:
+    """Why this format cannot hold ``weight`` (None when it can); other formats' fixes ask it too."""
     spec = weight.spec
     where = f"{name} is quantized {spec.describe()}"
     if spec.convention != "default":
@@ -225,8 +226,8 @@ def _weight_problem(name: str, weight: QuantizedWeight) -> str | None:
         return (f"{where}: fp8 weights are compressed-tensors' float-quantized format, not this int writer's; "
                 "export them with the fp8 format, or train with int8/int4 weights")  # fmt: skip
     if spec.dtype == "ternary":
-        return (f"{where}: ternary (BitNet) weights have no compressed-tensors kernel; export them as GGUF "
-                "(TQ1_0/TQ2_0)")  # fmt: skip
+        return (f"{where}: ternary (BitNet) weights have no compressed-tensors kernel; export them with "
+                "--format bitnet (one scale per tensor) or gguf-tq2_0 / gguf-tq1_0 (rows a multiple of 256)")  # fmt: skip
     if spec.dtype not in ("int4", "int8"):
         return (f"{where}: vLLM's compressed-tensors kernels take int4 or int8 weights only; train with "
                 "int4 or int8 (e.g. preset w4a16, w4a8 or w8a8)")  # fmt: skip
@@ -275,7 +276,7 @@ def _plan(inputs: ExportInputs) -> tuple[dict[str, dict[str, Any]], list[str], s
                 f"{key} is a quantized {kind}: compressed-tensors (and vLLM) quantize Linear layers only; "
                 "keep it in float (quant.quantize_embeddings=false, or a `skip` rule for it)"
             )
-        problem = _weight_problem(key, weight)
+        problem = weight_problem(key, weight)
         if problem:
             raise ExportError(problem)
         activation = inputs.activations.get(module)

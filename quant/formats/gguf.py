@@ -164,9 +164,28 @@ def check(inputs: ExportInputs) -> None:
         problem = _cannot_hold(weight, kind)
         if problem:
             raise ExportError(
-                f"gguf-{kind} cannot hold {name}, quantized as {weight.spec.describe()}: {problem}. Train with "
-                f"the {HOLDS[kind][2]} preset, or export --format compressed-tensors"
+                f"gguf-{kind} cannot hold {name}, quantized as {weight.spec.describe()}: {problem}. {_fix(name, weight, kind)}"
             )
+
+
+def _fix(name: str, weight: QuantizedWeight, kind: str) -> str:
+    """What can work: another training scheme only if this row length fits the block; other
+    formats only where their own checks accept this weight as it is."""
+    from lowbit.quant.formats import compressed_tensors
+
+    block = QK_TERNARY if kind.startswith("tq") else 32
+    spec = weight.spec
+    others = [f"gguf-{other}" for other in HOLDS if other != kind and _cannot_hold(weight, other) is None]
+    if compressed_tensors.weight_problem(name, weight) is None:
+        others.append("compressed-tensors")
+    if spec.dtype == "ternary" and spec.granularity == "tensor" and weight.shape[0] % 4 == 0:
+        others.append("bitnet")  # transformers' BitNet: ternary, one scale per tensor, rows by 4
+    if weight.shape[-1] % block:
+        first = (f"Rows of {weight.shape[-1]} values never fit {kind.upper()}'s {block}-value blocks, whatever the "
+                 f"training: leave {name.rsplit('.', 1)[0]} and layers like it out of the quant rules")  # fmt: skip
+    else:
+        first = f"Train with the {HOLDS[kind][2]} preset"
+    return f"{first}{', or export it as it is with --format ' + ' or '.join(others) if others else ''}"
 
 
 def _cannot_hold(weight: QuantizedWeight, kind: str) -> str | None:

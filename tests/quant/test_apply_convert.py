@@ -57,6 +57,15 @@ def test_rule_errors_name_the_problem():
         ValueError, match=r"matches model.layers.0.mlp \(LlamaMLP\), a module type that cannot be quantized"
     ):
         quantize_model(tiny_llama(), [{"match": "model.layers.*.mlp", "weight": "w4a8"}])
+    # a specific rule after a catch-all: the catch-all takes its modules (rules are first-match)
+    with pytest.raises(
+        ValueError,
+        match=r"quant rule '\*q_proj' \(rule 1\) gets no module: the earlier rule '\*' already takes "
+        r"model.layers.0.self_attn.q_proj and 1 more it matches. Rules are first-match: put '\*q_proj' before '\*'",
+    ):
+        quantize_model(
+            tiny_llama(), [{"match": "*", "weight": "w4a8"}, {"match": "*q_proj", "weight": "w8a8"}]
+        )
     with pytest.raises(ValueError, match=r"output head or input embeddings.*quantize_head"):
         quantize_model(tiny_llama(), [{"match": "lm_head", "weight": "w4a8"}])
     with pytest.raises(ValueError, match=r"quant rule 0 \('\*'\): unknown quant dtype 'int12'"):

@@ -115,3 +115,20 @@ def test_every_shipped_recipe_loads():
         cfg = load_config(recipe)
         if recipe.stem.startswith("qat_"):
             assert cfg.quant is not None and cfg.quant.rules
+
+
+def test_version_and_recipes_list_every_shipped_recipe(capsys):
+    from importlib.metadata import version
+
+    from lowbit.trainer.cli import main
+    from tests.conftest import ROOT
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"lowbit {version('lowbit')}"
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+    assert any(line.split(None, 1)[1].startswith("A random 2-layer Llama") for line in lines)
+    assert main(["recipes", str(ROOT / "tests")]) == 2
+    assert "no recipes" in capsys.readouterr().err

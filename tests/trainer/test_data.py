@@ -112,6 +112,16 @@ def test_input_errors_name_the_file(tmp_path):
     mixed = write_jsonl(tmp_path / "m.jsonl", [{"text": "abcdef"}, {"body": "x"}])
     with pytest.raises(UserError, match=r"m.jsonl: a record has no field 'text' \(data.text_field\)"):
         build_examples(read_all([str(mixed)], "k"), TOK, data_cfg([mixed], seq_len=4))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with pytest.raises(
+        UserError, match=r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 3\): convert it"
+    ):
+        read_all([str(latin1)], "data.train_files")
+    for messages in ("hello there", [{"content": "no role"}], ["hi"]):
+        chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+        with pytest.raises(UserError, match=r"chat.jsonl record 0: the messages field must be a list of"):
+            build_examples(read_all([str(chat)], "k"), TOK, data_cfg([chat], seq_len=16, format="chat"))
 
 
 def test_parquet_and_saved_dataset_read_like_jsonl(tmp_path):

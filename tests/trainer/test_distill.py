@@ -73,6 +73,16 @@ def test_vocabulary_checks(tiny_config, pretrained_tiny, tmp_path):
     assert trainer.parts.teacher.shared_vocab == 262
     trainer.fit()
     trainer.close()
+    # A teacher whose extra rows are distinct non-zero vectors: vocabulary, not padding
+    wider = ('teacher={config: {model_type: llama, vocab_size: 300, hidden_size: 64, intermediate_size: 128, '
+             'num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}, tokenizer: byte}')  # fmt: skip
+    with pytest.raises(
+        UserError, match=r"its 38 extra rows hold 38 distinct non-zero vectors.*teacher.trim_vocab=true"
+    ):
+        Trainer(tiny_config(KD, wider, run_dir=tmp_path / "wider"))
+    trimmed = Trainer(tiny_config(KD, wider, "teacher.trim_vocab=true", run_dir=tmp_path / "trimmed"))
+    assert trimmed.parts.teacher.shared_vocab == 262
+    trimmed.close()
 
 
 def test_quantization_aware_distillation_composes(tiny_config, pretrained_tiny):

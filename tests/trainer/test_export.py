@@ -9,7 +9,7 @@ import pytest
 from lowbit.trainer.cli import main
 from lowbit.trainer.config import load_config
 from lowbit.trainer.loop import train
-from tests.conftest import TINY, tiny_overrides
+from tests.conftest import TINY, TINY_CORPUS, tiny_overrides
 
 QAT_Q4_0 = "quant.rules=[{match: '*', weight: gguf_q4_0}]"
 
@@ -44,6 +44,13 @@ def test_qat_run_exports_to_gguf_exactly_and_evaluates_the_same(qat_run, tmp_pat
     numbers = re.compile(r"\d[\d,]*\.\d+|\d{1,3}(?:,\d{3})+")  # val_loss, val_ppl, tokens as printed
     assert numbers.findall(trained)[-3:] == numbers.findall(exported)[-3:]
     assert len(numbers.findall(exported)) >= 3
+    # the GGUF on its own, with the recipe's text (its validation carve) given on the command line
+    text = [f"data.train_files=[{TINY_CORPUS}]", "data.seq_len=128", "data.val_fraction=0.1", "train.seed=0"]
+    assert main(["eval", str(out), f"model.tokenizer={tokenizer_dir}", *text, "log.progress=none"]) == 0
+    alone = capsys.readouterr().out.strip().splitlines()[-1]
+    assert numbers.findall(alone)[-3:] == numbers.findall(exported)[-3:]
+    assert main(["eval", str(out)]) == 2
+    assert "give the text to evaluate it on" in capsys.readouterr().err
 
 
 def test_exporting_a_float_model_asks_for_ptq_then_ptq_works(pretrained_tiny, tmp_path, capsys):
@@ -58,8 +65,12 @@ def test_exporting_a_float_model_asks_for_ptq_then_ptq_works(pretrained_tiny, tm
 def test_a_format_that_cannot_hold_the_model_leaves_no_file(qat_run, tmp_path, capsys):
     out = tmp_path / "t.gguf"
     assert main(["export", str(qat_run), "--format", "gguf-tq2_0", "--out", str(out)]) == 2
-    assert "cannot hold" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "cannot hold" in error and "Rows of 64 values never fit TQ2_0's 256-value blocks" in error
     assert list(tmp_path.iterdir()) == []  # nothing at --out, no partial file beside it
+    # the fix it names works
+    assert error.rstrip().endswith("or export it as it is with --format gguf-q4_0")  # its own grid, exactly
+    assert main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(tmp_path / "q4.gguf")]) == 0
 
 
 def test_existing_output_is_not_overwritten_without_the_flag(qat_run, tmp_path, capsys):

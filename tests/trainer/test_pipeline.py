@@ -75,14 +75,15 @@ def test_compiled_layers_train_as_the_eager_model_does(tiny_config, tmp_path):
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled"))) < 1e-4
 
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint_of_it_and_exit_143(tmp_path):
-    hooks = [f"imports=[{HOOKS}]", "hooks=[{kind: signal_at_step, step: 3, signal: TERM}]"]
+@pytest.mark.parametrize(("name", "code"), [("TERM", 143), ("INT", 130)])
+def test_a_stop_signal_ends_after_the_step_with_a_checkpoint_of_it(tmp_path, name, code):
+    hooks = [f"imports=[{HOOKS}]", f"hooks=[{{kind: signal_at_step, step: 3, signal: {name}}}]"]
     done = run_cli(
         "train", str(TINY), *tiny_overrides(tmp_path, "train.max_steps=8", "checkpoint.every_steps=5", *hooks)
     )
-    assert done.returncode == 143, done.stderr[-3000:]
+    assert done.returncode == code, done.stderr[-3000:]
     assert (
-        "stopped by SIGTERM after step 3, with a checkpoint of that step; relaunch the same command"
+        f"stopped by SIG{name} after step 3, with a checkpoint of that step; relaunch the same command"
         in done.stderr
     )
     newest = ckpt.complete_checkpoints(tmp_path)[0]
@@ -113,3 +114,16 @@ def test_preempted_is_raised_by_fit_for_callers_in_python(tiny_config):
     trainer.close()
     assert stop.value.step == 2 and stop.value.exit_code == 128 + signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    import os
+    import signal
+
+    from lowbit.trainer.preemption import StopSignals
+
+    with pytest.raises(KeyboardInterrupt), StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == signal.SIGINT  # the first only asks for a stop at the step's end
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

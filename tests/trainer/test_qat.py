@@ -107,3 +107,13 @@ def test_quant_config_errors_are_user_errors(tiny_config):
         "train", str(TINY), 'quant={rules: [{match: "*", weight: {dtype: int4, granularity: grup}}]}'
     )
     assert done.returncode == 2 and "unknown granularity 'grup'. Did you mean: 'group'?" in done.stderr
+
+
+def test_recovered_is_reported_only_when_ptq_lost_something_and_printed_as_a_percentage():
+    from lowbit.trainer.loggers import format_metrics
+    from lowbit.trainer.quantization import recovered
+
+    assert recovered(11.0, {"val_ppl_float": 10.0, "val_ppl_ptq": 12.0}) == pytest.approx(0.5)
+    assert recovered(9.0, {"val_ppl_float": 10.0, "val_ppl_ptq": 10.05}) is None  # gap 0.5% of float: noise
+    assert recovered(9.0, {"val_ppl_float": 10.0, "val_ppl_ptq": 9.0}) is None  # PTQ no worse than float
+    assert format_metrics({"val_ppl": 11.0, "recovered": 0.8734}) == "val_ppl 11.0000  recovered 87.3%"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -230,3 +233,85 @@ def test_gradient_checkpointing_gives_the_same_losses_and_bf16_autocast_trains(t
     assert bf16_losses != plain_losses  # autocast really ran in bf16
     assert bf16_losses == pytest.approx(plain_losses, rel=0.05)
     assert bf16["eval"]["val_loss"] == pytest.approx(plain["eval"]["val_loss"], rel=0.05)
+
+
+class FakeWandb:
+    """Stands in for the ``wandb`` module: records init arguments and logged steps, keeps the
+    largest step per run id as W&B does (it drops a step that does not increase)."""
+
+    def __init__(self) -> None:
+        self.inits: list[dict] = []
+        self.steps: list[list[int]] = []  # per launch: the steps it logged (train and eval)
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        record: list[int] = []
+        self.steps.append(record)
+        fake = types.SimpleNamespace(id=kwargs["id"], finish=lambda: None)
+        fake.log = lambda metrics, step: record.append(step)
+        return fake
+
+    def Settings(self, **kwargs):  # noqa: N802 (wandb's name)
+        return kwargs
+
+
+def test_a_relaunched_run_continues_its_wandb_run_without_logging_a_step_twice(
+    tiny_config, monkeypatch, caplog
+):
+    """Killed after step 3 (checkpoint at 2, metrics logged through 3), relaunched: the same W&B
+    run resumes, W&B's step 3 is kept, and each step reaches W&B exactly once; its config says
+    what ran (world size, global batch, parameter counts)."""
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    common = (
+        "train.warmup_steps=0",
+        "checkpoint.every_steps=2",
+        "log.wandb.mode=offline",
+        "eval.every_steps=0",
+    )
+    first = Trainer(tiny_config(*common, "train.max_steps=3", "checkpoint.save_final=false"))
+    first.fit()
+    first.close()
+    with caplog.at_level(logging.WARNING, logger="lowbit"):
+        second = Trainer(tiny_config(*common, "train.max_steps=5"))
+        assert second.step == 2
+        second.fit()
+        second.close()
+    run_id = fake.inits[0]["id"]
+    assert [init["id"] for init in fake.inits] == [run_id, run_id] and len(run_id) == 12
+    assert (first.run_dir / "wandb_run_id").read_text().strip() == run_id
+    assert all(init["resume"] == "allow" for init in fake.inits)
+    before, after = ({step for step in launch if step > 0} for launch in fake.steps)
+    assert before == {1, 2, 3} and after == {4, 5}  # no step sent twice; none missing
+    assert f"W&B run {run_id} continues: it keeps steps 3-3" in caplog.text
+    facts = fake.inits[0]["config"]["lowbit"]
+    assert (
+        facts["world_size"] == 1 and facts["global_batch_size"] == 8 and facts["tokens_per_step"] == 8 * 128
+    )
+    model = first.strategy.unwrap(first.parts.model)
+    assert facts["parameters"] == facts["trained_parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_the_start_line_and_record_count_what_runs(tiny_config, tmp_path, caplog):
+    """Parameters, quantized weights, batch in sequences and tokens, data and epochs, against the
+    tensors and the data; the same facts open metrics.jsonl."""
+    cfg = tiny_config("train.max_steps=2", "train.warmup_steps=0", "eval.every_steps=0",
+                      "quant={rules: [{match: '*', weight: w4a8}], baselines: false}")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="lowbit"):
+        trainer = Trainer(cfg)
+    model = trainer.strategy.unwrap(trainer.parts.model)
+    linear = [m for m in model.modules() if getattr(m, "weight_quantizer", None) is not None]
+    quantized = sum(m.weight.numel() for m in linear)
+    # per layer q 64×64, k and v 32×64, o 64×64, gate and up 128×64, down 64×128; 2 layers; head untouched
+    assert len(linear) == 14 and quantized == 2 * (4096 + 2 * 2048 + 4096 + 3 * 8192) == 73_728
+    train_sequences, val_sequences = len(trainer.parts.train_batches.examples), len(trainer.parts.val)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("engine single"))
+    assert f"({8 * 128:,} tokens)" in line and f"{quantized / 1e6:.2f}M quantized" in line
+    assert f"{train_sequences:,} training / {val_sequences:,} validation sequences" in line
+    assert f"2 steps = {2 * 8 / train_sequences:.2f} epochs" in line
+    trainer.fit()
+    trainer.close()
+    start = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["step"] == 0 and start["start"]["quantized_parameters"] == quantized
+    assert start["start"]["parameters"] == sum(p.numel() for p in model.parameters())
+    assert start["start"]["val_sequences"] == val_sequences and start["start"]["tokens_per_step"] == 1024

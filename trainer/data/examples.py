@@ -129,6 +129,11 @@ def chat_segments(tokenizer, messages: list[dict], where: str) -> tuple[list[int
     Only the *last* assistant turn is a target; earlier turns are context. Rendering the history
     with ``add_generation_prompt`` gives the exact prefix the model sees before answering.
     """
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise UserError(
+            f'{where}: the messages field must be a list of {{"role": ..., "content": ...}} objects, got '
+            f"{type(messages).__name__} {str(messages)[:60]!r}"
+        )
     last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
     if last is None:
         raise UserError(f"{where}: a conversation has no assistant message to learn from")
@@ -153,7 +158,7 @@ def build_examples(records: list[tuple[Path, dict]], tokenizer, cfg: DataConfig)
         where = f"{path} record {number}"
         if fmt == "chat":
             messages = _field(record, cfg.messages_field, "messages_field", path)
-            prompt, response = chat_segments(tokenizer, list(messages), where)  # type: ignore[arg-type]
+            prompt, response = chat_segments(tokenizer, messages, where)  # type: ignore[arg-type]
             # The template already closes the turn (e.g. <|im_end|>): no extra EOS.
         else:
             prompt_text = str(_field(record, cfg.prompt_field, "prompt_field", path))

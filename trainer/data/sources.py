@@ -79,7 +79,17 @@ def _read_saved_dataset(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """All records of one file; an empty file is an error naming it."""
+    """All records of one file; an empty file, or one that is not UTF-8 text, is an error naming it."""
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}): convert "
+            f"it, e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`, or leave it out of the data files"
+        ) from None
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         records = list(_read_saved_dataset(path))
     elif path.suffix == ".txt":
