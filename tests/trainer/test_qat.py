@@ -89,13 +89,39 @@ def test_qat_recovers_ptq_loss_and_logs_recovered(tiny_config, tmp_path, pretrai
     assert rows["QAT"][5] == f"{100 * final['recovered']:.1f}%"
 
 
-def test_qat_checkpoint_resume_keeps_fake_quant_layers(tiny_config):
-    cfg = tiny_config(INT2, "train.max_steps=3", "train.warmup_steps=0", "checkpoint.every_steps=2")
-    train(cfg)
-    resumed = Trainer(tiny_config(INT2, "train.max_steps=4", "train.warmup_steps=0"))
-    assert resumed.step == 3
-    assert isinstance(resumed.parts.model.model.layers[0].mlp.up_proj, FakeQuantLinear)
+LSQ = ('quant={rules: [{match: "model.layers.*", weight: {dtype: int3, granularity: group, group_size: 32, '
+       "learn_scale: true}}], baselines: false}")  # fmt: skip
+
+
+def test_lsq_resume_restores_weights_scales_and_their_adam_state_and_continues_exactly(tiny_config, tmp_path):
+    """Killed after step 3 (its final checkpoint), resumed to step 5: fake-quant layers, weights,
+    learned scales and the Adam moments of both come back bit for bit, and the run ends with the
+    weights of an uninterrupted 5-step run (constant lr: the schedule does not depend on max_steps)."""
+    common = (LSQ, "train.warmup_steps=0", "train.schedule=constant", "eval.every_steps=0")
+    first = Trainer(tiny_config(*common, "train.max_steps=3", run_dir=tmp_path / "a"))
+    first.fit()
+    saved = {k: v.clone() for k, v in first.strategy.unwrap(first.parts.model).state_dict().items()}
+    saved_moments = {
+        i: s["exp_avg_sq"].clone() for i, s in first.strategy.optimizer.state_dict()["state"].items()
+    }
+    first.close()
+    resumed = Trainer(tiny_config(*common, "train.max_steps=5", run_dir=tmp_path / "a"))
+    model = resumed.strategy.unwrap(resumed.parts.model)
+    assert resumed.step == 3 and isinstance(model.model.layers[0].mlp.up_proj, FakeQuantLinear)
+    now = model.state_dict()
+    scales = [k for k in saved if "weight_quantizer" in k]
+    assert len(scales) >= 14 and saved.keys() == now.keys()
+    assert all(torch.equal(saved[k], now[k]) for k in saved)  # weights and learned scales
+    moments = resumed.strategy.optimizer.state_dict()["state"]
+    assert moments.keys() == saved_moments.keys()
+    assert all(torch.equal(saved_moments[i], moments[i]["exp_avg_sq"]) for i in saved_moments)
+    resumed.fit()
     resumed.close()
+    straight = Trainer(tiny_config(*common, "train.max_steps=5", run_dir=tmp_path / "b"))
+    straight.fit()
+    straight.close()
+    ends = [t.strategy.unwrap(t.parts.model).state_dict() for t in (resumed, straight)]
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
 
 
 def test_quant_config_errors_are_user_errors(tiny_config):
