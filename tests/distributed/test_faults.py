@@ -42,24 +42,24 @@ def signal_hooks(*hooks: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "engine", ["ddp", "fsdp2", "zero3"]
-)  # each checkpoint writer (ZeRO-1/2 share zero3's)
-def test_sigterm_checkpoints_and_a_killed_rank_restarts_to_the_uninterrupted_weights(
-    engine_runs, engine, tmp_path
+    ("engine", "stop"), [("ddp", "USR1"), ("fsdp2", "TERM"), ("zero3", "INT")]
+)  # each checkpoint writer (ZeRO-1/2 share zero3's), each stop signal
+def test_a_stop_signal_checkpoints_and_a_killed_rank_restarts_to_the_uninterrupted_weights(
+    engine_runs, engine, stop, tmp_path
 ):
-    """One torchrun job with --max-restarts 2: SIGTERM to rank 0 after step 2 (a checkpoint of
-    step 2, exit 143), torchrun restarts it; SIGKILL to rank 1 after step 4, torchrun restarts it
-    again from checkpoint 3; the job ends at step 6 with the weights (bit for bit) and per-step
-    losses of the uninterrupted run."""
+    """One torchrun job with --max-restarts 2: SIGTERM (SLURM's SIGUSR1, Ctrl-C's SIGINT) to rank 0
+    after step 2 (a checkpoint of step 2, exit 128 + the signal), torchrun restarts it; SIGKILL to
+    rank 1 after step 4, torchrun restarts it again from checkpoint 3; the job ends at step 6 with
+    the weights (bit for bit) and per-step losses of the uninterrupted run."""
     overrides = scenario_overrides(tmp_path, engine, "plain", 2)
     hooks = signal_hooks(
-        "{kind: signal_at_step, step: 2, signal: TERM, rank: 0, attempt: 0}",
+        f"{{kind: signal_at_step, step: 2, signal: {stop}, rank: 0, attempt: 0}}",
         "{kind: signal_at_step, step: 4, signal: KILL, rank: 1, attempt: 1}",
     )
     done = torchrun("lowbit.trainer", "train", str(TINY), *overrides, *hooks, extra=("--max-restarts=2",))
     assert done.returncode == 0, done.stderr[-6000:]
     log = done.stderr
-    assert "stopped by SIGTERM after step 2, with a checkpoint of that step" in log
+    assert f"stopped by SIG{stop} after step 2, with a checkpoint of that step" in log
     assert "checkpoint-000002 at step 2" in log and "checkpoint-000003 at step 3" in log  # both resumes
     run_dir, reference = tmp_path / engine / "plain", engine_runs / engine / "plain"
     assert losses(run_dir) == losses(reference)
