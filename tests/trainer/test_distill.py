@@ -74,6 +74,31 @@ def test_vocabulary_checks(tiny_config, pretrained_tiny, tmp_path):
     assert trainer.parts.teacher.shared_vocab == 262
     trainer.fit()
     trainer.close()
+    # Padding rows take no part: the same student with 38 extra head rows (any values) distils to
+    # exactly the same KL at step 1
+    padded_dir = tmp_path / "padded_student"
+    student = AutoModelForCausalLM.from_pretrained(pretrained_tiny)
+    student.resize_token_embeddings(300, mean_resizing=False)
+    student.save_pretrained(padded_dir)
+    tokenizer.__class__.from_pretrained(pretrained_tiny).save_pretrained(padded_dir)
+    random_teacher = ("teacher={config: {model_type: llama, vocab_size: 262, hidden_size: 64, intermediate_size: 128, "
+                      "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}, tokenizer: byte}")  # fmt: skip
+    first_kl = []
+    for name, source in (("kl-plain", pretrained_tiny), ("kl-padded", padded_dir)):
+        run = tiny_config("loss=[{kind: kd_kl, temperature: 2.0}]", random_teacher, "model.config=null",
+                          "model.tokenizer=null", f"model.path={source}", "train.max_steps=1", "train.warmup_steps=0",
+                          "eval.every_steps=0", run_dir=tmp_path / name)  # fmt: skip
+        trained = Trainer(run)
+        assert trained.parts.teacher.shared_vocab == (None if name == "kl-plain" else 262)
+        trained.fit()
+        trained.close()
+        line = [
+            json.loads(x)
+            for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in x
+        ]
+        first_kl.append(line[0]["loss"])  # the only term: the KL
+    assert first_kl[0] > 0 and first_kl[0] == first_kl[1]
     # A teacher whose extra rows are distinct non-zero vectors: vocabulary, not padding
     wider = ('teacher={config: {model_type: llama, vocab_size: 300, hidden_size: 64, intermediate_size: 128, '
              'num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}, tokenizer: byte}')  # fmt: skip

@@ -73,6 +73,13 @@ def test_a_format_that_cannot_hold_the_model_leaves_no_file(qat_run, tmp_path, c
     assert main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(tmp_path / "q4.gguf")]) == 0
 
 
+def test_an_output_inside_a_file_is_refused_naming_it(qat_run, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(blocker / "m.gguf")]) == 2
+    assert f"--out {blocker / 'm.gguf'}: {blocker} is a file, not a directory" in capsys.readouterr().err
+
+
 def test_existing_output_is_not_overwritten_without_the_flag(qat_run, tmp_path, capsys):
     out = tmp_path / "m.gguf"
     out.write_text("precious")
