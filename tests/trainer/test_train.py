@@ -182,6 +182,15 @@ def test_wandb_offline_writes_a_run_and_unreachable_online_never_stops_training(
     )
     train(offline)
     assert list((tmp_path / "off" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # a relaunch that continues the run (2 more steps) writes to the same W&B run id
+    train(
+        tiny_config(
+            "train.max_steps=4", "train.warmup_steps=0", "log.wandb.mode=offline", run_dir=tmp_path / "off"
+        )
+    )
+    files = sorted((tmp_path / "off" / "wandb").glob("offline-run-*/run-*.wandb"))
+    run_id = (tmp_path / "off" / "wandb_run_id").read_text().strip()
+    assert len(files) == 2 and {f.name for f in files} == {f"run-{run_id}.wandb"}
     env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "a" * 40}
     done = run_cli(
         "train",
