@@ -264,8 +264,9 @@ def choose_resume(mode: str, run_dir: Path) -> Path | None:
         return None
     if mode == "auto":
         found = latest_valid_checkpoint(run_dir)
-        if found is None and checkpoint_dirs(run_dir):
-            damaged = ", ".join(path.name for path in checkpoint_dirs(run_dir))
+        candidates = checkpoint_dirs(run_dir)
+        if found is None and candidates:
+            damaged = ", ".join(path.name for path in candidates)
             raise UserError(
                 f"every checkpoint in {checkpoints_root(run_dir)} is damaged ({damaged}; the reasons are logged "
                 "above) and none was changed: restore them from a copy, or start over by moving them out of "

@@ -29,6 +29,7 @@ from lowbit.trainer.preemption import Preempted, StopSignals
 from lowbit.trainer.preflight import check_room_for_checkpoint, check_run_dir
 from lowbit.trainer.resume_guard import check_config_drift
 from lowbit.trainer.strategies import Strategy, build_strategy
+from lowbit.trainer.strategies.base import full_numel
 
 logger = logging.getLogger("lowbit")
 
@@ -44,7 +45,8 @@ class Trainer:
         self.config_yaml = to_yaml(cfg)
         resume_from = self._choose_resume()
         self.parts: Components = build_components(cfg, self.strategy)
-        total, trained = self.strategy.count_parameters(self.parts.model)
+        self.run_facts = self.facts()
+        total, trained = self.run_facts["parameters"], self.run_facts["trained_parameters"]
         self._decided_on_main(lambda: check_room_for_checkpoint(self.run_dir, total, trained))
         self.step = 0
         if resume_from is not None:
@@ -69,7 +71,6 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             logger.info("%s", self.describe())
         run_name = cfg.run.name or self.run_dir.name
-        self.run_facts = self.facts()
         logged_config = {**config_dict(cfg), "lowbit": self.run_facts}
         self.metrics = MetricsLogger(cfg.log, self.run_dir, run_name, logged_config, self.strategy.is_main)
         self.last_eval: dict[str, float] = {}
@@ -110,8 +111,8 @@ class Trainer:
         cfg, strategy, batches = self.cfg, self.strategy, self.parts.train_batches
         total, trained = strategy.count_parameters(self.parts.model)
         student = strategy.unwrap(self.parts.model)
-        quantized = sum(  # weights with a weight quantizer (a ZeRO-3 placeholder counts its full size)
-            getattr(module.weight, "ds_numel", module.weight.numel())
+        quantized = sum(  # weights with a weight quantizer
+            full_numel(module.weight)
             for module in student.modules()
             if getattr(module, "weight_quantizer", None) is not None
         )
@@ -130,7 +131,7 @@ class Trainer:
 
     def describe(self) -> str:
         """One line on what runs: engine, ranks, global batch, parameters, data, directories."""
-        f = self.facts()
+        f = self.run_facts
         return (
             f"engine {f['engine']} on {f['world_size']} rank(s) ({f['device']}) | global batch "
             f"{f['global_batch_size']} = {f['micro_batch_size']} micro × {f['grad_accum_steps']} accum × "

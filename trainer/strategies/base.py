@@ -210,8 +210,9 @@ class Strategy:
         return norm
 
     def count_parameters(self, model: nn.Module) -> tuple[int, int]:
-        """(all, trained) parameters of the student, counted whole however they are sharded."""
-        sizes = [(param.numel(), param.requires_grad) for param in self.unwrap(model).parameters()]
+        """(all, trained) parameters of the student, counted whole however they are sharded (a
+        DTensor's numel is global; a ZeRO-3 placeholder carries its full size as ``ds_numel``)."""
+        sizes = [(full_numel(param), param.requires_grad) for param in self.unwrap(model).parameters()]
         return sum(n for n, _ in sizes), sum(n for n, trained in sizes if trained)
 
     def current_lr(self) -> float:
@@ -279,6 +280,11 @@ class Strategy:
         assert self.model is not None
         state = self.unwrap(self.model).state_dict()
         return {name: tensor.detach().cpu() for name, tensor in state.items()} if self.is_main else {}
+
+
+def full_numel(param: Tensor) -> int:
+    """Elements of ``param`` as a whole (a ZeRO-3 placeholder holds none; ``ds_numel`` says how many)."""
+    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def read_weights(checkpoint: Path, model: nn.Module) -> None:

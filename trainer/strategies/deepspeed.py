@@ -85,13 +85,6 @@ class DeepSpeedStrategy(DistributedStrategy):
         inner = getattr(model, "module", model)
         return inner.student if isinstance(inner, TrainedModules) else inner
 
-    def count_parameters(self, model: nn.Module) -> tuple[int, int]:
-        # a ZeRO-3 parameter is an empty placeholder; its full size is ``ds_numel``
-        sizes = [
-            (getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in self.unwrap(model).parameters()
-        ]
-        return sum(n for n, _ in sizes), sum(n for n, trained in sizes if trained)
-
     def place_frozen(self, module: nn.Module) -> nn.Module:
         """The teacher: replicated, or (``strategy.teacher: sharded``) a ZeRO-3 inference engine
         that keeps 1/N of its weights per rank and gathers each layer as it runs."""
@@ -177,7 +170,7 @@ class DeepSpeedStrategy(DistributedStrategy):
                 )
             self._load_engine_checkpoint(universal, universal=True)
             if self.options.stage == 3:
-                self._repair_zero3_universal_load(universal / TAG / "zero" / "optimizer_state.pt")
+                self._repair_zero3_universal_load()
             self.barrier()
         finally:
             if self.is_main:
@@ -187,23 +180,14 @@ class DeepSpeedStrategy(DistributedStrategy):
             checkpoint.name, self.written_by_world_size, self.world_size,
         )  # fmt: skip
 
-    def _repair_zero3_universal_load(self, optimizer_state: Path) -> None:
-        """Two slips of DeepSpeed 0.19's ZeRO-3 universal load
-        (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), undone here: every parameter
-        group gets group 0's hyperparameters (the no-decay group — norms, biases, quantizer scales —
-        would decay), and every group's Adam state holds one shared ``step`` tensor, which torch's
-        Adam increments in place once per group (bias correction would run ahead)."""
+    def _repair_zero3_universal_load(self) -> None:
+        """DeepSpeed 0.19's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``)
+        puts one shared ``step`` tensor in every group's Adam state, which torch's Adam then
+        increments in place once per group (bias correction would run ahead): each gets its own.
+        (It also gives every group group 0's hyperparameters; ``checkpoint.restore`` re-applies the
+        run's own to every group after any engine's load, which undoes that.)"""
         assert self.optimizer is not None
-        inner = self.optimizer.optimizer
-        saved = torch.load(optimizer_state, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        if len(saved["param_groups"]) != len(inner.param_groups):
-            raise UserError(
-                f"{optimizer_state}: {len(saved['param_groups'])} optimizer groups saved, "
-                f"{len(inner.param_groups)} in this run; resume with the config that wrote the checkpoint"
-            )
-        for group, values in zip(inner.param_groups, saved["param_groups"]):
-            group.update({key: value for key, value in values.items() if key != "params"})
-        for state in inner.state.values():
+        for state in self.optimizer.optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
 
