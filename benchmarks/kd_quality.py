@@ -34,7 +34,8 @@ def hf_dir_of_run(run_dir: Path, target: Path) -> Path:
     """Save a float run's newest checkpoint as a Hugging Face directory (to serve as a teacher)."""
     from lowbit.trainer.export import load_source
 
-    model, tokenizer, _, _ = load_source(run_dir, [])
+    loaded = load_source(run_dir, [])
+    model, tokenizer = loaded.model, loaded.tokenizer
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target

@@ -22,9 +22,11 @@ from lowbit.trainer.config import RunConfig
 from lowbit.trainer.data import Examples, StepBatches, load_splits
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.hooks import StepHook, build_hooks
+from lowbit.trainer.lora import frozen_fingerprint
 from lowbit.trainer.loss_step import LossStep
 from lowbit.trainer.model import build_model, build_tokenizer, resolve_model_dir
 from lowbit.trainer.strategies import Strategy
+from lowbit.trainer.strategies.base import frozen_names
 from lowbit.trainer.teacher import Teacher, align_vocab, build_teacher, student_from_teacher
 from lowbit.trainer.teacher_cache import TeacherCache, fingerprint, load_cache, topk_settings
 from lowbit.trainer.transforms import apply_transforms
@@ -156,6 +158,8 @@ class Components:
     hooks: list[StepHook]
     teacher: Teacher | None = None
     teacher_cache: TeacherCache | None = None
+    frozen_base: str | None = None
+    """Fingerprint of the student's frozen parameters (a LoRA base), None when all of it trains."""
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -185,6 +189,9 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
     # Transforms act on the unwrapped model, before the engine shards it or builds the optimizer.
     transformed = apply_transforms(built.model, cfg, announce=strategy.is_main)
     hooks = transformed.hooks + hooks
+    frozen_base = None
+    if frozen_names(built.model):  # rank 0 holds the weights under every engine; it speaks for all
+        frozen_base = strategy.broadcast_object(frozen_fingerprint(built.model) if strategy.is_main else None)
     check_teacher_inputs(objective, built)
     try:
         objective.configure(model_shapes(built.model, built.teacher))
@@ -208,5 +215,5 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
     seed_everything(cfg.train.seed + strategy.rank)
     return Components(
         strategy, built.tokenizer, model, objective, loss_step, batches, built.val, hooks,
-        built.teacher, built.teacher_cache,
+        built.teacher, built.teacher_cache, frozen_base,
     )  # fmt: skip

@@ -56,6 +56,8 @@ class TrainerState:
     """The engine that wrote the checkpoint (``deepspeed-zero3``...)."""
     layout: str = "safetensors"
     """How its weights are stored: safetensors | dcp | deepspeed."""
+    frozen_base: str | None = None
+    """sha256 of the frozen parameters the checkpoint leaves out (a LoRA run's base), else None."""
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -283,10 +285,20 @@ def choose_resume(mode: str, run_dir: Path) -> Path | None:
 TUNED = ("weight_decay", "betas", "eps")  # per optimizer group; the learning rate comes from the schedule
 
 
-def restore(strategy: Strategy, checkpoint: Path) -> TrainerState:
-    """Collective: load an already verified checkpoint into the prepared strategy and this rank's RNG."""
+def restore(strategy: Strategy, checkpoint: Path, frozen_base: str | None = None) -> TrainerState:
+    """Collective: load an already verified checkpoint into the prepared strategy and this rank's RNG.
+
+    ``frozen_base``: the fingerprint of this run's frozen parameters, which must be the ones the
+    checkpoint's trained parameters (LoRA adapters) were trained on.
+    """
     state = read_state(checkpoint)
     strategy.check_resumable(checkpoint, asdict(state))
+    if state.frozen_base != frozen_base:
+        raise UserError(
+            f"checkpoint {checkpoint} holds adapters trained on another frozen base than this run builds (its base "
+            f"fingerprint {str(state.frozen_base)[:12]}, this run's {str(frozen_base)[:12]}): resume with the model and "
+            "lora settings that wrote it, or start a new run (another run.output_dir)"
+        )
     assert strategy.optimizer is not None and strategy.scheduler is not None
     # The optimizer and schedule were built from this run's config; loading overwrites their
     # hyperparameters with the checkpoint's. This run's values win (a relaunch may lower the

@@ -171,7 +171,7 @@ def _export_after_training(cfg) -> None:
     from lowbit.trainer.export import FORMATS, export
 
     choice = cfg.export
-    suffix = ".gguf" if FORMATS[choice.format].single_file else ""
+    suffix = ".gguf" if choice.format in FORMATS and FORMATS[choice.format].single_file else ""
     default = Path(cfg.run.output_dir) / "export" / f"{choice.format}{suffix}"
     out = Path(choice.out) if choice.out else default
     out.parent.mkdir(parents=True, exist_ok=True)

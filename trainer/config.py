@@ -108,6 +108,10 @@ class TrainConfig:
     """AdamW decay, applied to matrices only (not to biases, norms or embeddings' 1-D params)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    optimizer: str = "adamw"
+    """adamw (torch) | adamw_8bit | paged_adamw | paged_adamw_8bit (bitsandbytes: 8-bit blockwise
+    moments, 2 bytes/parameter instead of 8; paged state that spills to CPU memory under GPU memory
+    pressure, CUDA only). The bitsandbytes ones run on the single and ddp engines."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm; 0 disables clipping."""
     precision: str = "fp32"
@@ -242,7 +246,8 @@ class ExportConfig:
     """Export the trained model when training ends (as ``lowbit export RUN_DIR`` would)."""
 
     format: str = "gguf-q8_0"
-    """One of ``lowbit export``'s formats: gguf-q8_0/q4_0/q4_1/tq2_0/tq1_0/f16, compressed-tensors, bitnet, bnb-nf4."""
+    """One of ``lowbit export``'s formats: gguf-q8_0/q4_0/q4_1/tq2_0/tq1_0/f16, compressed-tensors, bitnet, bnb-nf4,
+    merged (float safetensors, LoRA adapters merged), peft (the adapters)."""
     out: Optional[str] = None
     """Output path (default: ``<run.output_dir>/export/<format>``, ``.gguf`` for GGUF)."""
     ptq: bool = False
@@ -270,6 +275,44 @@ class QuantConfig:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (peft) on a frozen base: a 4-bit NF4/FP4 base (QLoRA), or the float model
+    (fake-quantized by ``quant`` rules when the run has them: LoRA on a QAT base)."""
+
+    rank: int = 16
+    """Rank r of each adapter (A: r × in, B: out × r)."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is (alpha / r) · B A (alpha / sqrt(r) with ``rslora``)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Layers that get adapters: ``all-linear`` (every Linear but the output head), module names or
+    their last parts (``q_proj``), globs (``model.layers.*.mlp.*``) or ``re:REGEX`` on full names."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    dora: bool = False
+    """DoRA: a learned magnitude per output row on top of the low-rank direction update."""
+    init: str = "default"
+    """How adapters start (B = 0, so the model starts as the base): default (Kaiming-uniform A) |
+    gaussian (A ~ N(0, 1/r))."""
+    trainable: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters (names, last parts, globs or re:), e.g. [lm_head]."""
+    base: str = "nf4"
+    """The frozen base: nf4 | fp4 (bitsandbytes 4-bit codes, QLoRA) | float (the model's own dtype)."""
+    base_skip: list[str] = field(default_factory=list)
+    """Linear layers kept in float in a 4-bit base (names, globs or re:); the output head always is."""
+    blocksize: int = 64
+    """Weights per absmax block of the 4-bit base (bitsandbytes: 32 … 4096)."""
+    double_quant: bool = True
+    """Quantize the block absmax to 8 bits (QLoRA's double quantization: ~0.37 bits/weight saved)."""
+    compute_dtype: Optional[str] = None
+    """Dtype the 4-bit base dequantizes to and multiplies in: fp32 | bf16 | fp16 (default: the model's)."""
+    merge_aware: bool = False
+    """With ``base: float`` and ``quant`` rules: the forward fake-quantizes the merged weight
+    W + (alpha/r)·B·A, so the merged export on the rules' grid is exactly the trained model."""
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs. Recipes in ``configs/`` fill it; ``lowbit config`` prints it."""
 
@@ -285,6 +328,8 @@ class RunConfig:
     """Quantization-aware training (absent: a float run)."""
     teacher: Optional[TeacherConfig] = None
     """Frozen teacher for the KD loss terms (absent: no distillation)."""
+    lora: Optional[LoraSection] = None
+    """LoRA adapters on a frozen base (absent: the whole model trains)."""
     export: Optional[ExportConfig] = None
     """Export when training ends (absent: no export)."""
     loss: list[dict[str, Any]] = field(default_factory=lambda: [{"kind": "ce", "weight": 1.0}])
@@ -304,7 +349,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "text", "instruction", "chat"),
     "data.truncation": ("error", "truncate", "drop"),
     "train.schedule": ("cosine", "linear", "constant"),
+    "lora.init": ("default", "gaussian"),
+    "lora.base": ("nf4", "fp4", "float"),
+    "lora.compute_dtype": (None, "fp32", "bf16", "fp16"),
     "train.precision": ("fp32", "bf16"),
+    "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
     "log.progress": ("auto", "bar", "lines", "none"),
     "log.wandb.mode": ("disabled", "offline", "online"),
     "strategy.name": ("auto", "single", "ddp", "fsdp2", "deepspeed"),
@@ -322,9 +371,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def _validate_export(cfg: RunConfig, fail) -> None:
     """The ``export`` section must be exportable when training ends: checked before training starts."""
-    from lowbit.trainer.export import FLOAT_TYPES, FORMATS
+    from lowbit.trainer.export import FLOAT_TYPES, FORMATS, LORA_FORMATS
 
     export = cfg.export
+    if export.format in LORA_FORMATS:
+        if cfg.lora is None:
+            fail(f"export.format {export.format} writes LoRA adapters; this run has no `lora` section")
+        return
     if export.format not in FORMATS:
         fail(f"export.format: unknown format {export.format!r}; choose one of {', '.join(FORMATS)}")
     if export.float_type is not None and export.float_type not in FLOAT_TYPES:
@@ -340,6 +393,50 @@ def _validate_export(cfg: RunConfig, fail) -> None:
         fail(
             f"export.format {export.format} stores quantized weights but this run trains in float: add a `quant` "
             "section (QAT) or set export.ptq: true (round to nearest after training)"
+        )
+
+
+def _validate_lora(cfg: RunConfig, fail) -> None:
+    """LoRA settings that cannot work, found before a model is loaded."""
+    from lowbit.quant.nf4 import BLOCKSIZES
+
+    lora = cfg.lora
+    if lora.rank < 1:
+        fail(f"lora.rank must be at least 1, got {lora.rank}")
+    if lora.alpha <= 0:
+        fail(f"lora.alpha must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        fail(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    if not lora.targets:
+        fail("lora.targets is empty; e.g. [all-linear] or [q_proj, v_proj]")
+    if lora.blocksize not in BLOCKSIZES:
+        fail(
+            f"lora.blocksize {lora.blocksize}: bitsandbytes' 4-bit blocks are {', '.join(map(str, BLOCKSIZES))}"
+        )
+    if lora.base != "float" and cfg.quant is not None:
+        fail(
+            f"lora.base={lora.base} quantizes the frozen base, and `quant` rules fake-quantize it too: set "
+            "lora.base=float to train LoRA on the fake-quant base, or drop the `quant` section for QLoRA"
+        )
+    if lora.merge_aware:
+        if lora.base != "float" or cfg.quant is None:
+            fail(
+                "lora.merge_aware trains adapters through the fake quant of the merged weight: it needs "
+                "lora.base=float and a `quant` section (e.g. weight: gguf_q4_0 for an exact Q4_0 merge)"
+            )
+        if lora.dora or lora.dropout:
+            fail(
+                "lora.merge_aware computes one merged weight per layer: it takes no lora.dora and lora.dropout=0"
+            )
+        deepspeed = cfg.strategy.deepspeed
+        if cfg.strategy.name == "deepspeed" and deepspeed is not None and deepspeed.stage == 3:
+            fail(
+                "lora.merge_aware reads base weights outside their module's forward, which ZeRO-3 does not gather: "
+                "use strategy.name fsdp2 (or ZeRO-1/2)"
+            )
+    if lora.base == "float" and lora.base_skip:
+        fail(
+            "lora.base_skip names layers kept out of a 4-bit base, but lora.base is float: drop lora.base_skip"
         )
 
 
@@ -384,6 +481,11 @@ def _validate_strategy(cfg: RunConfig, fail) -> None:
                 "strategy.teacher=sharded cannot shard a bitsandbytes NF4 teacher (teacher.load_in_4bit): use "
                 "strategy.teacher=replicated with it, or a bf16 teacher (teacher.dtype=bf16) sharded"
             )
+    if cfg.train.optimizer != "adamw" and strategy.name in ("fsdp2", "deepspeed"):
+        fail(
+            f"train.optimizer={cfg.train.optimizer} (bitsandbytes) steps whole tensors and does not run under "
+            f"{strategy.name}, which shards the optimizer state itself: use train.optimizer=adamw, or the ddp engine"
+        )
     if strategy.timeout_s < 1:
         fail(f"strategy.timeout_s must be at least 1 second, got {strategy.timeout_s}")
     if cfg.train.global_batch_size is not None and cfg.train.global_batch_size < 1:
@@ -457,7 +559,9 @@ def _validate(cfg: RunConfig, source: str) -> None:
         raise UserError(f"{source}: {message}")
 
     for key, allowed in CHOICES.items():
-        if key.startswith("teacher.") and cfg.teacher is None:
+        if (key.startswith("teacher.") and cfg.teacher is None) or (
+            key.startswith("lora.") and cfg.lora is None
+        ):
             continue
         section = key.rsplit(".", 1)[0]
         if section in ("strategy.fsdp2", "strategy.deepspeed") and _get(cfg, section) is None:
@@ -521,6 +625,8 @@ def _validate(cfg: RunConfig, source: str) -> None:
         fail("train.fused_head_chunk does not combine with teacher.cache: set one of them")
     if cfg.quant is not None and not cfg.quant.rules:
         fail("quant.rules is empty; e.g. quant: {rules: [{match: '*', weight: w4a8, activation: w4a8}]}")
+    if cfg.lora is not None:
+        _validate_lora(cfg, fail)
     for entry in (*cfg.loss, *cfg.hooks):
         if "kind" not in entry:
             fail(f"every loss term and hook needs a `kind`, got {dict(entry)}")

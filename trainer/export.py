@@ -51,8 +51,9 @@ FORMATS: dict[str, Format] = {
     "compressed-tensors": Format("compressed_tensors", "w4a16", {}, False, "vLLM, transformers"),
     "bitnet": Format("bitnet", "bitnet", {}, False, "transformers (BitNet)"),
     "bnb-nf4": Format("bnb_nf4", "nf4", {}, False, "transformers + bitsandbytes"),
+    "merged": Format("hf_float", None, {}, False, "transformers, vLLM (float; LoRA adapters merged)"),
 }
-LORA_FORMATS = ("merged", "peft")
+LORA_FORMATS = ("peft",)  # the adapters alone, not a whole model: written by ``export_lora``
 FLOAT_TYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}  # --float-type → torch dtype name
 
 
@@ -69,6 +70,10 @@ class ExportSummary:
     max_delta_float: float
     ptq: bool
     quantized_tensors: int = 0
+    note: str = ""
+    """A last line for the user (how to load what was written)."""
+    comparison: list[dict[str, Any]] = field(default_factory=list)
+    """For a LoRA run merged into a quantized format: perplexity rows (adapters, merged float, file)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -94,17 +99,21 @@ class ExportSummary:
                 f"{100 * self.file_bytes / self.bf16_bytes:.1f}% of bf16 ({self.bf16_bytes / 2**20:.2f} MiB)",
                 f"  self-check       quantized weights vs trained: {exact}; "
                 f"float tensors max |Δ| {self.max_delta_float:.3g} (storage rounding)",
+                *([f"  load             {self.note}"] if self.note else []),
+                *(["  merge check (validation perplexity):", *("    " + line for line in _rows(self.comparison))]
+                  if self.comparison else []),
             ]
-        )
+        )  # fmt: skip
+
+
+def _rows(rows: list[dict[str, Any]]) -> list[str]:
+    from lowbit.trainer.evaluate_cli import format_rows
+
+    return format_rows(rows).splitlines()
 
 
 def writer(fmt: str):
     """The writer module of ``fmt`` (``check``/``write``/``read``)."""
-    if fmt in LORA_FORMATS:
-        raise UserError(
-            f"--format {fmt} exports LoRA adapters; it needs a run trained with LoRA adapters, which this "
-            "version cannot train yet. Choose one of: " + ", ".join(FORMATS)
-        )
     if fmt not in FORMATS:
         raise UserError(
             f"unknown export format {fmt!r}; choose one of {', '.join([*FORMATS, *LORA_FORMATS])}"
@@ -112,12 +121,24 @@ def writer(fmt: str):
     return importlib.import_module(f"lowbit.quant.formats.{FORMATS[fmt].module}")
 
 
-def load_source(source: Path, overrides: list[str]):
-    """(model, tokenizer, the model's .gguf origin or None, trained-quantized?) for ``source``.
+@dataclass
+class Source:
+    """A model to export, as ``load_source`` rebuilt it."""
 
-    The last is False when the recipe has ``quant`` rules but the checkpoint was saved before its
-    ``enable_after_steps``: its quantizers never ran in training, so exporting it is PTQ.
-    """
+    model: Any
+    tokenizer: Any
+    origin: Path | None
+    """The ``.gguf`` file the model came from, if any."""
+    trained_quantized: bool
+    """False when the recipe has ``quant`` rules but the checkpoint was saved before its
+    ``enable_after_steps``: its quantizers never ran in training, so exporting it is PTQ."""
+    cfg: Any = None
+    """The run config (None for a plain model path)."""
+
+
+def load_source(source: Path, overrides: list[str], merge: bool = True) -> Source:
+    """The model of ``source`` with its checkpoint's weights; a LoRA run's adapters merged into
+    its base unless ``merge`` is False."""
     from lowbit.trainer import checkpoint as ckpt
     from lowbit.trainer.config import ModelConfig, load_config
     from lowbit.trainer.evaluate_cli import resolve_target
@@ -145,18 +166,23 @@ def load_source(source: Path, overrides: list[str]):
     trained_quantized = False
     if cfg is not None:
         apply_transforms(model, cfg, announce=False)
-    if cfg is not None and cfg.quant is not None:
+    if cfg is not None and cfg.quant is not None and (cfg.lora is None or cfg.lora.merge_aware):
+        # (plain LoRA trains fake_quant(W) + B A: its merge, quantized, is a PTQ; merge-aware is exact)
         trained_quantized = (
             checkpoint is not None and ckpt.checkpoint_step(checkpoint) > cfg.quant.enable_after_steps
         )
     if checkpoint is not None:
         ckpt.load_weights(checkpoint, model)
+    if merge and cfg is not None and cfg.lora is not None:
+        from lowbit.trainer.export_lora import merge_adapters
+
+        merge_adapters(model)
     origin = (
         Path(model_cfg.path).expanduser()
         if model_cfg.path and str(model_cfg.path).endswith(".gguf")
         else None
     )
-    return model.eval(), tokenizer, origin, trained_quantized
+    return Source(model.eval(), tokenizer, origin, trained_quantized, cfg)
 
 
 def gguf_tokenizer_pre(origin: Path | None) -> str | None:
@@ -320,11 +346,21 @@ def export(
     """
     from lowbit.quant.formats import ExportError, collect
 
+    if fmt in LORA_FORMATS:
+        from lowbit.trainer.export_lora import export_peft
+
+        return export_peft(source, _check_output(out, source, False, overwrite), overrides or [], ptq)
     module, choice = writer(fmt), FORMATS[fmt]
     if float_type is not None and float_type not in FLOAT_TYPES:
         raise UserError(f"--float-type {float_type!r}; choose one of {', '.join(FLOAT_TYPES)}")
     out = _check_output(out, source, choice.single_file, overwrite)
-    model, tokenizer, origin, trained_quantized = load_source(source, overrides or [])
+    loaded = load_source(source, overrides or [])
+    model, tokenizer, origin, trained_quantized = (
+        loaded.model,
+        loaded.tokenizer,
+        loaded.origin,
+        loaded.trained_quantized,
+    )
     if ptq:
         apply_ptq(model, fmt, ptq if isinstance(ptq, str) else None)
     inputs = collect(model, tokenizer)
@@ -354,6 +390,12 @@ def export(
         raise UserError(str(error)) from None
     finally:
         _remove(staging)
+    comparison = []
+    if loaded.cfg is not None and loaded.cfg.lora is not None and inputs.quantized:
+        from lowbit.trainer.export_lora import merge_perplexities
+
+        adapters = load_source(source, overrides or [], merge=False).model
+        comparison = merge_perplexities(loaded.cfg, tokenizer, adapters, model, fmt)
     parameters = sum(w.codes.numel() for w in inputs.quantized.values()) + sum(
         t.numel() for t in inputs.state.values()
     )
@@ -367,4 +409,5 @@ def export(
         max_delta_float=float_delta,
         ptq=bool(ptq) or (bool(inputs.quantized) and not trained_quantized),
         quantized_tensors=len(inputs.quantized),
+        comparison=comparison,
     )

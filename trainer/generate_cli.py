@@ -38,7 +38,8 @@ def generate(
         raise UserError("give at least one --prompt")
     if max_new_tokens < 1 or temperature < 0:
         raise UserError("--max-new-tokens must be at least 1 and --temperature at least 0")
-    model, tokenizer, _, _ = load_source(source, overrides or [])
+    loaded = load_source(source, overrides or [], merge=False)  # a LoRA run generates as it trained
+    model, tokenizer = loaded.model, loaded.tokenizer
     if chat and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{source}: its tokenizer has no chat template; drop --chat to complete raw text")
     completions = []

@@ -50,7 +50,7 @@ class Trainer:
         self._decided_on_main(lambda: check_room_for_checkpoint(self.run_dir, total, trained))
         self.step = 0
         if resume_from is not None:
-            state = ckpt.restore(self.strategy, resume_from)
+            state = ckpt.restore(self.strategy, resume_from, self.parts.frozen_base)
             self.step = state.step
             if state.global_batch_size != self.parts.train_batches.global_batch_size:
                 logger.warning(
@@ -111,11 +111,11 @@ class Trainer:
         cfg, strategy, batches = self.cfg, self.strategy, self.parts.train_batches
         total, trained = strategy.count_parameters(self.parts.model)
         student = strategy.unwrap(self.parts.model)
-        quantized = sum(  # weights with a weight quantizer
-            full_numel(module.weight)
+        quantized = sum(  # weights with a weight quantizer, and those of a 4-bit base
+            full_numel(module.weight) if getattr(module, "weight_quantizer", None) is not None
+            else module.in_features * module.out_features if hasattr(module, "packed") else 0
             for module in student.modules()
-            if getattr(module, "weight_quantizer", None) is not None
-        )
+        )  # fmt: skip
         sequences = len(batches.examples)
         return {
             "model": cfg.model.path or ("teacher layers" if cfg.model.init_from_teacher else "random (model.config)"),
@@ -213,6 +213,7 @@ class Trainer:
             scheduler=strategy.scheduler.state_dict() if strategy.scheduler is not None else {},
             engine=strategy.engine,
             layout=strategy.checkpoint_layout,
+            frozen_base=parts.frozen_base,
         )
         ckpt.save(strategy, self.run_dir, state, self.config_yaml, self.cfg.checkpoint.keep_last)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -10,6 +11,28 @@ from torch import nn
 from lowbit.trainer.config import TrainConfig
 
 QUANTIZER_GROUP = "quantizer"
+logger = logging.getLogger("lowbit")
+# train.optimizer → (bitsandbytes class name, bytes of state per parameter); adamw is torch's.
+BNB_OPTIMIZERS = {
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw": "PagedAdamW",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+}
+STATE_BYTES = {"adamw": 8, "paged_adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+
+
+def optimizer_class(name: str, device: torch.device) -> type[torch.optim.Optimizer]:
+    """The AdamW implementation ``train.optimizer`` names (bitsandbytes' for the 8-bit/paged ones)."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    import bitsandbytes as bnb
+
+    if name.startswith("paged") and device.type != "cuda":
+        logger.warning(
+            "train.optimizer=%s: paging (optimizer state in CUDA unified memory) exists only on CUDA; on %s the "
+            "same update runs with unpaged state", name, device.type,
+        )  # fmt: skip
+    return getattr(bnb.optim, BNB_OPTIMIZERS[name])
 
 
 def build_optimizer(
@@ -38,9 +61,9 @@ def build_optimizer(
         {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
         {"params": quantizer, "weight_decay": 0.0, "name": QUANTIZER_GROUP},
     ]
-    return (adamw or torch.optim.AdamW)(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
-    )
+    device = trainable[0].device if trainable else torch.device("cpu")
+    optimizer = adamw or optimizer_class(cfg.optimizer, device)
+    return optimizer([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -22,7 +22,8 @@ from lowbit.trainer.errors import UserError
 logger = logging.getLogger("lowbit")
 
 # What the run trains: a change refuses to resume. Keys under these, except the free ones below.
-TRAINS = ("model", "teacher", "quant", "loss", "data")
+# (train.optimizer: another implementation's state does not load into this one.)
+TRAINS = ("model", "teacher", "quant", "lora", "loss", "data", "train.optimizer")
 # Under TRAINS, but only about memory, loading or evaluation: free.
 FREE = (
     "model.gradient_checkpointing",

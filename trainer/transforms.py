@@ -1,12 +1,12 @@
 """Model transforms: what turns the loaded model into the one that trains, in a fixed order.
 
-    loaded model ─> subln? ─> quant (QAT / BitNet rules) ─> nf4_base? ─> lora? ─> compile? ─> engine.wrap
+    loaded model ─> subln? ─> quant (QAT / BitNet rules) ─> lora (4-bit base + adapters)? ─> compile? ─> engine.wrap
 
 Each transform is registered with its place in that order and a test of the config that turns it
 on, and is applied to the *unwrapped* model before the engine wraps it, so sharding sees the
 final modules and a transform's rules match names relative to the base model. A transform may
 add step hooks (the QAT schedule). Register your own with ``@register_transform`` in a module
-listed under ``imports:``; ``subln``, ``nf4_base`` and ``lora`` take their places as they land.
+listed under ``imports:``; ``subln`` takes its place as it lands.
 """
 
 from __future__ import annotations
@@ -67,6 +67,15 @@ def quant_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
     # Learned scales take no part in the forward while the schedule keeps fake quant off.
     learned = any(q.scale is not None for q in quantizers(model))
     return TransformResult(report, [QuantSchedule(cfg.quant)], learned and cfg.quant.enable_after_steps > 0)
+
+
+@register_transform("lora", order=40, enabled=lambda cfg: cfg.lora is not None)
+def lora_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
+    """Freeze the base (4-bit codes, or float / fake-quant), add peft LoRA adapters (``lowbit.trainer.lora``)."""
+    from lowbit.trainer.lora import apply_lora
+
+    assert cfg.lora is not None
+    return TransformResult(apply_lora(model, cfg.lora, cfg.train.optimizer))
 
 
 @register_transform("compile", order=90, enabled=lambda cfg: cfg.train.compile)

@@ -28,6 +28,12 @@ EXTRA_RUNS = [
     ("ddp", "kd_topk_cache", "kd_topk_cache"),
     ("fsdp2", "kd_topk_cache", "kd_topk_cache"),
     ("zero3", "kd_topk_cache", "kd_topk_cache"),
+    # QLoRA (NF4 base + adapters) on ddp and the sharding engines, and QLoRA + KD with a fully
+    # trained head under FSDP2 (ZeRO-3 runs it alike; left out for CI time)
+    ("ddp", "qlora", "qlora"),
+    ("fsdp2", "qlora", "qlora"),
+    ("zero3", "qlora", "qlora"),
+    ("fsdp2", "qlora_kd", "qlora_kd"),
 ]
 # Same code path as another cell of the table (CI time): fsdp2 without resharding differs from
 # fsdp2 only in when layers are freed; ZeRO-1 shares ZeRO-2's optimizer partitioning.
@@ -36,7 +42,7 @@ SKIPPED = {("fsdp2_keep", m) for m in ("masked", "qat_schedule", "kd_relation", 
     ("zero1", m) for m in ("masked", "kd_relation", "qad")
 }
 PROBES = ["fsdp2", "fsdp2_keep", "zero3"]  # engines whose forwards are checked against fresh weights
-REFERENCES = [*METHOD_NAMES, "kd_topk_cache", "masked_fused_kd"]
+REFERENCES = [*METHOD_NAMES, "kd_topk_cache", "masked_fused_kd", "qlora", "qlora_kd"]
 assert set(METHOD_NAMES) <= set(METHODS)
 
 

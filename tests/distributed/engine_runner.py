@@ -104,6 +104,17 @@ METHODS = {
         "loss=[{kind: ce, weight: 0.5}, {kind: kd_topk, weight: 0.5, k: 8, temperature: 2.0}]",
     ],
     "masked": ["data.train_files=[{out}/sft.jsonl]", "data.seq_len=96"],  # uneven target counts per rank
+    # QLoRA: NF4 base (double quant) + r=4 adapters on every linear; lr high enough that they move
+    "qlora": ["lora={rank: 4, alpha: 8}", "train.lr=1e-2"],
+    # QLoRA + KD through the fused head, with the head trained in full beside the adapters
+    "qlora_kd": [
+        "lora={rank: 4, alpha: 8, trainable: [lm_head]}",
+        "train.lr=1e-2",
+        WIDE_TEACHER,
+        "teacher.tokenizer=byte",
+        "loss=[{kind: ce, weight: 0.5}, {kind: kd_kl, weight: 0.5, temperature: 2.0}]",
+        "train.fused_head_chunk=64",
+    ],
     # w4a8 QAT, checking after every step that each layer's forward used fake_quant(current full weight)
     "qat_probe": [
         'quant={rules: [{match: "*", weight: w4a8, activation: w4a8}]}',
@@ -157,6 +168,7 @@ def equivalence(out: Path, pairs: list[str]) -> None:
             overrides += ["strategy.teacher=sharded", f"run.output_dir={out / engine / method}"]
         cfg = load_config(TINY, overrides)
         trainer = Trainer(cfg)
+        record_base_shares(trainer, Path(cfg.run.output_dir))
         trainer.fit()
         # the weights as the live engine consolidates them: an independent check of the
         # checkpoint readers that eval and export use
@@ -166,6 +178,27 @@ def equivalence(out: Path, pairs: list[str]) -> None:
             save_file(tensors, str(Path(cfg.run.output_dir) / "consolidated.safetensors"))
         trainer.close()
         dist.barrier()
+
+
+def record_base_shares(trainer: Trainer, run_dir: Path) -> None:
+    """For a 4-bit base: the elements of its state this rank holds (a DTensor's local shard, a
+    ZeRO-3 partition) and the whole, written by each rank as ``base_shares-rank{R}.json``."""
+    student = trainer.strategy.unwrap(trainer.parts.model)
+    state = [p for name, p in student.named_parameters() if name.rsplit(".", 1)[-1] in ("packed", "absmax")]
+    if not state:
+        return
+
+    def local(param) -> int:
+        if hasattr(param, "ds_tensor"):
+            return param.ds_tensor.numel()
+        return param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+
+    shares = {
+        "local": sum(local(p) for p in state),
+        "whole": sum(getattr(p, "ds_numel", p.numel()) for p in state),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"base_shares-rank{dist.get_rank()}.json").write_text(json.dumps(shares))
 
 
 def tensor_bytes(root: object) -> int:

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.distributed
 # an ulp moves across a rounding boundary of the 3/4-bit grid changes by a whole grid step.
 TOLERANCE = {"plain": 1e-5, "masked": 1e-5, "kd": 1e-5, "kd_relation": 1e-5, "kd_topk_cache": 1e-5,
              "masked_fused_kd": 1e-5, "qat_w4a8": 1e-4, "qat_lsq_int3": 1e-4, "qat_schedule": 1e-4,
-             "qad": 1e-4}  # fmt: skip
+             "qad": 1e-4, "qlora": 1e-5, "qlora_kd": 1e-5}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -109,3 +109,61 @@ def test_each_engine_holds_the_bytes_its_formula_says(tmp_path):
         expected = formula(params, 2)
         assert abs(counted - expected) <= 0.10 * expected, (engine, counted / expected)
     assert results["zero3"]["bytes"] < 0.7 * results["ddp"]["bytes"]
+
+
+def test_fsdp2_shards_the_4bit_base_and_gathers_nan_looking_bytes_bit_for_bit(tmp_path):
+    """A 4-bit layer sharded over 2 ranks with a bf16 mixed-precision policy: each rank holds half
+    of every state tensor (codes, absmax; the 7-entry second level splits 4 + 3), the all-gather
+    returns the planted codes — every byte pair that reads as a non-canonical bf16 NaN — and the
+    float32 statistics unchanged (integers are never cast), and the sharded forward equals the
+    unsharded layer's bit for bit."""
+    result_file = tmp_path / "nf4.json"
+    result = torchrun("tests.distributed.nf4_sharding", str(result_file))
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = json.loads(result_file.read_text())
+    for name, whole in result["whole"].items():
+        shares = [share[name] for share in result["shares"]]
+        assert sum(shares) == whole and max(shares) == -(-whole // 2), (name, shares)
+    assert all(result["gathered_equal"].values()) and len(result["gathered_equal"]) == 4
+    assert (
+        result["gathered_dtypes"]["packed"] == "torch.uint8"
+        and result["gathered_dtypes"]["absmax"] == "torch.uint8"
+    )
+    assert result["forward_max_diff"] == 0.0
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3", "ddp"])
+def test_the_4bit_base_is_split_over_the_ranks_by_the_sharding_engines(engine_runs, engine):
+    """Counted from the tensors each rank holds in a QLoRA run: FSDP2 and ZeRO-3 keep 1/2 of the
+    NF4 codes and block statistics per rank (up to one padding element per tensor), DDP all of it."""
+    shares = [
+        json.loads((engine_runs / engine / "qlora" / f"base_shares-rank{r}.json").read_text()) for r in (0, 1)
+    ]
+    whole = shares[0]["whole"]
+    assert whole > 0 and shares[1]["whole"] == whole
+    tensors = 2 * 14  # packed + absmax of 14 layers
+    for share in shares:
+        if engine == "ddp":
+            assert share["local"] == whole
+        else:
+            assert abs(share["local"] - whole / 2) <= tensors, (engine, shares)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_adapter_only_checkpoints_of_sharding_engines_export_the_live_adapters(engine_runs, engine, tmp_path):
+    """A QLoRA checkpoint of a sharded engine holds only what trains (DCP without the frozen base;
+    DeepSpeed with its frozen parameters excluded). ``lowbit export --format peft`` rebuilds the base
+    from the model source, reads the adapters back from those files in one process, and writes what
+    the live engine held at the end of training, bit for bit."""
+    from safetensors.torch import load_file
+
+    from lowbit.trainer.export import export
+
+    run_dir = engine_runs / engine / "qlora"
+    live = load_file(run_dir / "consolidated.safetensors")
+    export(run_dir, "peft", tmp_path / "adapter")
+    written = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(written) == 28  # A and B of 14 layers
+    for name, tensor in written.items():
+        ours = name.removeprefix("base_model.model.").replace(".weight", ".default.weight")
+        assert torch.equal(tensor, live[ours]), name

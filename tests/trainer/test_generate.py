@@ -27,7 +27,8 @@ def qat_run(tmp_path_factory):
 def test_greedy_completion_is_the_fake_quant_models_argmax_decode(qat_run):
     prompt = "Fellow-Citizens of the Senate"
     completion = generate(qat_run, [prompt], max_new_tokens=8)[0]
-    model, tokenizer, _, _ = load_source(qat_run, [])
+    loaded = load_source(qat_run, [])
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad(), quantizers_enabled(model, True):  # as deployed: fake quant on
         for _ in range(8):  # the textbook loop: full forward, argmax of the last position

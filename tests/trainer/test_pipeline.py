@@ -41,7 +41,11 @@ def test_transforms_run_in_their_registered_order_on_the_unwrapped_model(tiny_co
     finally:
         del TRANSFORMS["test_before_quant"], TRANSFORMS["test_after_quant"]
     assert seen == [("before", False), ("after", True)]
-    assert [t.name for t in sorted(TRANSFORMS.values(), key=lambda t: t.order)] == ["quant", "compile"]
+    assert [t.name for t in sorted(TRANSFORMS.values(), key=lambda t: t.order)] == [
+        "quant",
+        "lora",
+        "compile",
+    ]
 
 
 def test_a_transform_adds_its_hooks_and_a_disabled_one_does_nothing(tiny_config):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from lowbit.trainer.config import StrategyConfig, TrainConfig
@@ -212,8 +212,15 @@ class Strategy:
     def count_parameters(self, model: nn.Module) -> tuple[int, int]:
         """(all, trained) parameters of the student, counted whole however they are sharded (a
         DTensor's numel is global; a ZeRO-3 placeholder carries its full size as ``ds_numel``)."""
-        sizes = [(full_numel(param), param.requires_grad) for param in self.unwrap(model).parameters()]
-        return sum(n for n, _ in sizes), sum(n for n, trained in sizes if trained)
+        total = trained = 0
+        seen: set[int] = set()  # a tied head shares the embeddings' weight: count it once
+        for module in self.unwrap(model).modules():
+            params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            # A 4-bit base layer counts the weights it stands for, not its packed bytes.
+            total += getattr(module, "logical_parameters", None) or sum(full_numel(p) for p in params)
+            trained += sum(full_numel(p) for p in params if p.requires_grad)
+        return total, trained
 
     def current_lr(self) -> float:
         assert self.optimizer is not None
@@ -262,7 +269,7 @@ class Strategy:
         if not self.is_main:
             return
         assert self.model is not None and self.objective is not None and self.optimizer is not None
-        save_model(self.unwrap(self.model), str(staging / MODEL_FILE))
+        save_student(self.unwrap(self.model), staging / MODEL_FILE)
         if has_parameters(self.objective):
             save_model(self.objective, str(staging / OBJECTIVE_FILE))
         torch.save(self.optimizer.state_dict(), staging / OPTIMIZER_FILE)
@@ -270,7 +277,8 @@ class Strategy:
     def load_checkpoint(self, checkpoint: Path) -> None:
         """Collective: restore what ``save_checkpoint`` wrote (the checkpoint is already verified)."""
         assert self.model is not None and self.objective is not None and self.optimizer is not None
-        read_weights(checkpoint, self.unwrap(self.model))
+        student = self.unwrap(self.model)
+        read_weights(checkpoint, student)
         if has_parameters(self.objective):
             load_model(self.objective, str(checkpoint / OBJECTIVE_FILE), device=str(self.device))
         self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True))
@@ -287,13 +295,45 @@ def full_numel(param: Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
+def frozen_names(model: nn.Module) -> set[str]:
+    """Names of the frozen parameters (a LoRA run's base): checkpoints leave them out, for they
+    come unchanged from the model source (the checkpoint records the base's fingerprint)."""
+    return {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
+
+
+def save_student(model: nn.Module, path: Path) -> None:
+    """The student's weights as safetensors: all of them, or only the trained ones if part is frozen."""
+    frozen = frozen_names(model)
+    if not frozen:
+        save_model(model, str(path))
+        return
+    trained = {
+        name: param.detach().contiguous() for name, param in model.named_parameters() if name not in frozen
+    }
+    save_file(trained, str(path), metadata={"format": "pt", "lowbit": "trained parameters only"})
+
+
 def read_weights(checkpoint: Path, model: nn.Module) -> None:
     """Load ``model.safetensors`` into ``model``, or explain why it does not fit."""
-    missing, unexpected = load_model(model, str(checkpoint / MODEL_FILE), strict=False)
-    check_fit(checkpoint, missing, unexpected)
+    if frozen_names(model):  # trained parameters only, a tied one under one of its names
+        missing, unexpected = model.load_state_dict(load_file(checkpoint / MODEL_FILE), strict=False)
+        missing = [name for name in missing if not is_tied(model, name)]
+    else:
+        missing, unexpected = load_model(model, str(checkpoint / MODEL_FILE), strict=False)
+    check_fit(checkpoint, missing, unexpected, model)
 
 
-def check_fit(checkpoint: Path, missing, unexpected) -> None:
+def is_tied(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` shares its tensor with another parameter."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(name)
+    return target is not None and sum(param is target for param in params.values()) > 1
+
+
+def check_fit(checkpoint: Path, missing, unexpected, model: nn.Module | None = None) -> None:
+    """Refuse a checkpoint whose names differ from the model's (frozen parameters may be absent)."""
+    frozen = frozen_names(model) if model is not None else set()
+    missing = [name for name in missing if name not in frozen]
     if missing or unexpected:
         raise UserError(
             f"checkpoint {checkpoint} does not fit this model: missing {sorted(missing)[:5]}, "

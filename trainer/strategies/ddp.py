@@ -46,5 +46,17 @@ class DDPStrategy(DistributedStrategy):
     def reduce_extra_gradients(self) -> None:
         self.average_gradients(self.objective)
 
+    def teardown(self) -> None:
+        """Release DDP's reducer (and the logger that holds it) while the process group is still
+        registered. Otherwise the reducer, freed later with the model, is the group's last owner
+        and runs the gloo group's destructor holding the GIL; that destructor joins gloo's worker
+        threads, one of which may be freeing a finished collective's tensors and need the GIL:
+        a hang at exit (seen once in CI's fault tests; pytorch/pytorch#56297). Freed from Python's
+        group object instead, the destructor runs with the GIL released."""
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            self.model.reducer = None
+            self.model.logger = None
+        super().teardown()
+
 
 STRATEGY = DDPStrategy

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lowbit.trainer.config import DeepSpeedConfig, StrategyConfig, TrainConfig
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.optim import build_optimizer, build_scheduler
-from lowbit.trainer.strategies.base import TrainedModules, check_fit
+from lowbit.trainer.strategies.base import TrainedModules, check_fit, frozen_names, is_tied
 from lowbit.trainer.strategies.deepspeed_config import deepspeed_config
 from lowbit.trainer.strategies.distributed import DistributedStrategy
 
@@ -142,7 +142,8 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def save_checkpoint(self, staging: Path) -> None:
         assert self.model is not None
-        self.model.save_checkpoint(str(staging), tag=TAG, save_latest=False)
+        # A LoRA run's frozen base comes from the model source; only what trains is saved.
+        self.model.save_checkpoint(str(staging), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
 
     def load_checkpoint(self, checkpoint: Path) -> None:
         """DeepSpeed's own files at the world size that wrote them; at another, its universal
@@ -197,7 +198,11 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.model._config.load_universal_checkpoint = universal
         try:
             path, _ = self.model.load_checkpoint(
-                str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(directory),
+                tag=TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                load_module_strict=not frozen_names(self.model),
             )
         finally:
             self.model._config.load_universal_checkpoint = False
@@ -258,14 +263,7 @@ def read_weights(checkpoint: Path, model: nn.Module) -> None:
     prefix = "student."
     weights = {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    check_fit(checkpoint, [name for name in missing if not _is_tied(model, name)], unexpected)
-
-
-def _is_tied(model: nn.Module, name: str) -> bool:
-    """Whether parameter ``name`` shares its tensor with another parameter."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    target = params.get(name)
-    return target is not None and sum(param is target for param in params.values()) > 1
+    check_fit(checkpoint, [name for name in missing if not is_tied(model, name)], unexpected, model)
 
 
 STRATEGY = DeepSpeedStrategy

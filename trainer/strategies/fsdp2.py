@@ -16,6 +16,7 @@ shards in parallel, and loading reshards, so a run saved on N ranks resumes on M
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from lowbit.trainer.config import FSDP2Config, StrategyConfig, TrainConfig
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.model import DTYPES, decoder_layers
-from lowbit.trainer.strategies.base import TrainedModules
+from lowbit.trainer.strategies.base import TrainedModules, frozen_names
 from lowbit.trainer.strategies.distributed import DistributedStrategy
 
 DCP_DIR = "dcp"
@@ -150,28 +151,35 @@ class FSDP2Strategy(DistributedStrategy):
 
     # -- state: DCP --------------------------------------------------------------------------------
 
-    def _state(self) -> tuple[TrainedModules, dict]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    def _state(self) -> tuple[TrainedModules, dict, Any]:
+        """What a checkpoint holds; a LoRA run's frozen base is left out (it comes from the model source)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         assert self.model is not None and self.objective is not None and self.optimizer is not None
         trained = TrainedModules(self.model, self.objective)
-        model_state, optimizer_state = get_state_dict(trained, self.optimizer)
-        return trained, {"model": model_state, "optimizer": optimizer_state}
+        frozen = bool(frozen_names(self.model))
+        options = StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+        model_state, optimizer_state = get_state_dict(trained, self.optimizer, options=options)
+        return trained, {"model": model_state, "optimizer": optimizer_state}, options
 
     def save_checkpoint(self, staging: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
-        _, state = self._state()
+        _, state, _ = self._state()
         dcp.save(state, checkpoint_id=str(staging / DCP_DIR))
 
     def load_checkpoint(self, checkpoint: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        trained, state = self._state()
+        trained, state, options = self._state()
         dcp.load(state, checkpoint_id=str(checkpoint / DCP_DIR))
         set_state_dict(
-            trained, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+            trained,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=options,
         )
 
     def consolidated_state_dict(self) -> dict[str, Tensor]:
@@ -198,7 +206,9 @@ def read_weights(checkpoint: Path, model: nn.Module) -> None:
     process: DCP reassembles every rank's shards (what ``lowbit eval`` and ``export`` read)."""
     import torch.distributed.checkpoint as dcp
 
-    target = {"model": {f"student.{name}": tensor for name, tensor in model.state_dict().items()}}
+    frozen = frozen_names(model)  # not in a LoRA run's checkpoint: the base comes from the model source
+    state = {name: tensor for name, tensor in model.state_dict(keep_vars=True).items() if name not in frozen}
+    target = {"model": {f"student.{name}": tensor.data for name, tensor in state.items()}}
     with torch.no_grad():
         dcp.load(target, checkpoint_id=str(checkpoint / DCP_DIR), no_dist=True)
     # ``target`` shares the model's tensors, so the load filled the model in place.
