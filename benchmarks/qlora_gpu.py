@@ -2,6 +2,7 @@
 
     python benchmarks/qlora_gpu.py                 # the GPU run (one call of the device tool)
     python benchmarks/qlora_gpu.py --smoke         # a tiny model on CPU: checks the script runs
+    python benchmarks/qlora_gpu.py --cpu           # a ~60M Llama at sequence 256 on CPU: CPU figures
 
 Cases, each in its own process (peak memory is per process), on a randomly initialised Llama
 saved once as bf16 safetensors, sequence 2048, LoRA r = 16 (alpha 16) on every linear layer,
@@ -40,6 +41,10 @@ SHAPES = {
     "8b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
            "max_position_embeddings": 8192, "tie_word_embeddings": False, "rope_theta": 500000.0},
+    # --cpu: both slots run this ~60M-parameter Llama at sequence 256 (a CPU's figures, not a GPU's)
+    "cpu": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1408,
+            "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 8,
+            "max_position_embeddings": 512, "tie_word_embeddings": False},
     "tiny": {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
              "max_position_embeddings": 256, "tie_word_embeddings": False},
@@ -142,7 +147,12 @@ def worker(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     times = (lowbit_case if stack == "lowbit" else plain_case)(method, args)[args.skip :]
     step = statistics.median(times)
+    import resource
+
     result = {
+        # CPU runs: the process's peak resident memory (weights, optimizer, activations, and the
+        # same libraries on both stacks); GPU runs: torch's peak allocated CUDA memory
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "shape": args.shape, "stack": stack, "method": method, "step_s": step,
         "tokens_per_s": args.micro_batch * args.seq_len / step, "steps_timed": len(times),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
@@ -163,38 +173,35 @@ def table(results: list[dict]) -> str:
         ratio_t = ratio_m = ""
         if r["stack"] == "lowbit" and other:
             ratio_t = f"{r['step_s'] / other['step_s']:.2f}×"
-            if r["peak_gib"] and other["peak_gib"]:
-                ratio_m = f"{r['peak_gib'] / other['peak_gib']:.2f}×"
-        memory = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "-"
+            key = "peak_gib" if r["peak_gib"] else "peak_rss_gib"
+            ratio_m = f"{r[key] / other[key]:.2f}×"
+        memory = (
+            f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else f"{r['peak_rss_gib']:.2f} GiB RSS"
+        )
         rows.append(f"| {r['shape']} | {r['method']} | {r['stack']} | {1000 * r['step_s']:.0f} ms | "
                     f"{r['tokens_per_s']:,.0f} | {memory} | {ratio_t} | {ratio_m} |")  # fmt: skip
     return "\n".join(rows)
 
 
-def plan(smoke: bool, only: str | None) -> list[tuple[str, str, dict]]:
-    """(shape, case, settings) in run order."""
-    small = (
-        {"seq_len": 64, "micro_batch": 2, "checkpointing": False}
-        if smoke
-        else {"seq_len": 2048, "micro_batch": 4, "checkpointing": False}
-    )
-    big = (
-        {"seq_len": 64, "micro_batch": 1, "checkpointing": True}
-        if smoke
-        else {"seq_len": 2048, "micro_batch": 1, "checkpointing": True}
-    )
-    shapes = {"1b": small, "8b": big}
+def plan(mode: str, only: str | None) -> list[tuple[str, str, dict]]:
+    """(shape slot, case, settings) in run order; ``mode``: gpu | cpu | smoke."""
+    seq = {"gpu": 2048, "cpu": 256, "smoke": 64}[mode]
+    small = {"seq_len": seq, "micro_batch": 2 if mode == "smoke" else 4, "checkpointing": False}
+    big = {"seq_len": seq, "micro_batch": 1, "checkpointing": True}
     chosen = []
     if only in (None, "1b"):
-        chosen += [("1b", f"{stack}:{m}", shapes["1b"]) for m in METHODS for stack in ("lowbit", "plain")]
+        chosen += [("1b", f"{stack}:{m}", small) for m in METHODS for stack in ("lowbit", "plain")]
     if only in (None, "8b"):
-        chosen += [("8b", f"{stack}:qlora", shapes["8b"]) for stack in ("lowbit", "plain")]
+        chosen += [("8b", f"{stack}:qlora", big) for stack in ("lowbit", "plain")]
     return chosen
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, to check the script")
+    parser.add_argument(
+        "--cpu", action="store_true", help="a ~60M Llama at sequence 256 on CPU (CPU figures)"
+    )
     parser.add_argument("--only", choices=("1b", "8b"), help="run one shape")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qlora_gpu.json"))
@@ -208,14 +215,15 @@ def main() -> None:
     if args.worker_case:
         args.case = args.worker_case
         return worker(args)
+    mode = "smoke" if args.smoke else "cpu" if args.cpu else "gpu"
     steps = args.steps or (3 if args.smoke else 10)
     skip = 1 if args.smoke else 3
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results_file = work / "results.jsonl"
     results_file.unlink(missing_ok=True)
-    for label, case, settings in plan(args.smoke, args.only):
-        shape = "tiny" if args.smoke else label
+    for label, case, settings in plan(mode, args.only):
+        shape = {"smoke": "tiny", "cpu": "cpu"}.get(mode, label)
         model_dir = work / f"model-{shape}"
         if not (model_dir / "config.json").is_file():
             write_model(model_dir, SHAPES[shape])

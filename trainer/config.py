@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional  # Optional, not `X | None`: OmegaConf 2.3 reads only the former
@@ -293,8 +294,12 @@ class LoraSection:
     dora: bool = False
     """DoRA: a learned magnitude per output row on top of the low-rank direction update."""
     init: str = "default"
-    """How adapters start (B = 0, so the model starts as the base): default (Kaiming-uniform A) |
-    gaussian (A ~ N(0, 1/r))."""
+    """How adapters start: default (Kaiming-uniform A, B = 0: the model starts as the base) | gaussian
+    (A ~ N(0, 1/r), B = 0) | pissa | pissa_niter_N (PiSSA: the adapters take the r principal singular
+    directions of each weight, the frozen base the residual — which a 4-bit base then quantizes: QPiSSA,
+    less quantization error; N subspace iterations of a fast randomized SVD instead of a full one) |
+    loftq | loftq_iter_N (4-bit base only: base codes and adapters fitted together so that base +
+    adapters ≈ the float weight, N alternating rounds, 1 by default)."""
     trainable: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapters (names, last parts, globs or re:), e.g. [lm_head]."""
     base: str = "nf4"
@@ -349,7 +354,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "text", "instruction", "chat"),
     "data.truncation": ("error", "truncate", "drop"),
     "train.schedule": ("cosine", "linear", "constant"),
-    "lora.init": ("default", "gaussian"),
     "lora.base": ("nf4", "fp4", "float"),
     "lora.compute_dtype": (None, "fp32", "bf16", "fp16"),
     "train.precision": ("fp32", "bf16"),
@@ -409,6 +413,19 @@ def _validate_lora(cfg: RunConfig, fail) -> None:
         fail(f"lora.dropout must be in [0, 1), got {lora.dropout}")
     if not lora.targets:
         fail("lora.targets is empty; e.g. [all-linear] or [q_proj, v_proj]")
+    if lora.init not in ("default", "gaussian", "pissa", "loftq") and not re.fullmatch(
+        r"(pissa_niter|loftq_iter)_[1-9][0-9]*", lora.init
+    ):
+        fail(
+            f"lora.init: unknown value {lora.init!r}; choose one of default, gaussian, pissa, pissa_niter_N (e.g. 4), "
+            "loftq, loftq_iter_N"
+        )
+    if lora.init.startswith(("pissa", "loftq")) and lora.dora:
+        fail(
+            f"lora.init={lora.init} does not combine with lora.dora (DoRA's magnitudes assume B = 0 at the start)"
+        )
+    if lora.init.startswith("loftq") and lora.base == "float":
+        fail("lora.init=loftq fits adapters to a 4-bit base's quantization error: set lora.base=nf4 (or fp4)")
     if lora.blocksize not in BLOCKSIZES:
         fail(
             f"lora.blocksize {lora.blocksize}: bitsandbytes' 4-bit blocks are {', '.join(map(str, BLOCKSIZES))}"

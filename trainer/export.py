@@ -134,6 +134,8 @@ class Source:
     ``enable_after_steps``: its quantizers never ran in training, so exporting it is PTQ."""
     cfg: Any = None
     """The run config (None for a plain model path)."""
+    initial_adapters: dict[str, Any] | None = None
+    """A PiSSA or LoftQ run's adapters as initialised (what a peft export must account for), else None."""
 
 
 def load_source(source: Path, overrides: list[str], merge: bool = True) -> Source:
@@ -171,6 +173,11 @@ def load_source(source: Path, overrides: list[str], merge: bool = True) -> Sourc
         trained_quantized = (
             checkpoint is not None and ckpt.checkpoint_step(checkpoint) > cfg.quant.enable_after_steps
         )
+    initial = None
+    if cfg is not None and cfg.lora is not None and cfg.lora.init.startswith(("pissa", "loftq")):
+        from lowbit.trainer.export_lora import adapter_tensors
+
+        initial = {name: tensor.clone() for name, tensor in adapter_tensors(model).items()}
     if checkpoint is not None:
         ckpt.load_weights(checkpoint, model)
     if merge and cfg is not None and cfg.lora is not None:
@@ -182,7 +189,7 @@ def load_source(source: Path, overrides: list[str], merge: bool = True) -> Sourc
         if model_cfg.path and str(model_cfg.path).endswith(".gguf")
         else None
     )
-    return Source(model.eval(), tokenizer, origin, trained_quantized, cfg)
+    return Source(model.eval(), tokenizer, origin, trained_quantized, cfg, initial)
 
 
 def gguf_tokenizer_pre(origin: Path | None) -> str | None:

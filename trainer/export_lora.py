@@ -50,14 +50,16 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model.to(dtype)
 
 
-def peft_config(cfg: RunConfig, targets: list[str], trainable: list[str]):
-    """The ``peft.LoraConfig`` this run's adapters correspond to."""
+def peft_config(cfg: RunConfig, targets: list[str], trainable: list[str], rank_factor: int = 1):
+    """The ``peft.LoraConfig`` this run's adapters correspond to (``rank_factor`` 2: a PiSSA run's
+    adapters converted to plain LoRA, with alpha scaled so that the scaling stays the same)."""
     from peft import LoraConfig
 
     lora = cfg.lora
     assert lora is not None
+    alpha = lora.alpha * (rank_factor**0.5 if lora.rslora else rank_factor)
     return LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        r=lora.rank * rank_factor, lora_alpha=alpha, lora_dropout=lora.dropout, target_modules=targets,
         use_rslora=lora.rslora, use_dora=lora.dora, bias="none", modules_to_save=trainable or None,
         base_model_name_or_path=cfg.model.path, task_type="CAUSAL_LM",
     )  # fmt: skip
@@ -68,11 +70,28 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def write_peft(model: nn.Module, cfg: RunConfig, out: Path) -> dict[str, torch.Tensor]:
+def pissa_as_lora(
+    trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A PiSSA run's adapters as plain LoRA on the *original* weights: the run computes
+    (W − s·B₀A₀) + s·B·A, which is W + s·[B | −B₀]·[A ; A₀] — rank 2r (peft's own conversion)."""
+    converted = dict(trained)
+    for name in trained:
+        if ".lora_A." in name:
+            b_name = name.replace(".lora_A.", ".lora_B.")
+            converted[name] = torch.cat([trained[name], initial[name]], dim=0)
+            converted[b_name] = torch.cat([trained[b_name], -initial[b_name]], dim=1)
+    return converted
+
+
+def write_peft(
+    model: nn.Module, cfg: RunConfig, out: Path, initial: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Write ``model``'s adapters with peft's ``save_pretrained`` into ``out``; return them by peft name.
 
     The ``PeftModel`` is built around a meta-device copy of the base (no memory) whose adapter and
     ``modules_to_save`` parameters are then assigned the trained tensors: exactly what peft saves.
+    ``initial``: a PiSSA run's initial adapters, to write them as plain LoRA on the original base.
     """
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
@@ -82,9 +101,12 @@ def write_peft(model: nn.Module, cfg: RunConfig, out: Path) -> dict[str, torch.T
     targets = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
     trained = adapter_tensors(model)
     full = sorted({name.rsplit(".", 1)[0] for name in trained if not is_adapter(name)})
+    if initial is not None:
+        trained = pissa_as_lora(trained, initial)
     with torch.device("meta"):
         skeleton = type(model)(model.config)
-    peft_model = get_peft_model(skeleton, peft_config(cfg, targets, full), adapter_name=ADAPTER_NAME)
+    config = peft_config(cfg, targets, full, rank_factor=2 if initial is not None else 1)
+    peft_model = get_peft_model(skeleton, config, adapter_name=ADAPTER_NAME)
     renamed = {}
     for name, tensor in trained.items():
         module, _, leaf = name.rpartition(".")
@@ -137,9 +159,16 @@ def export_peft(source: Path, out: Path, overrides: list[str], ptq) -> ExportSum
         raise UserError("--ptq quantizes a whole model; --format peft writes float adapters: drop --ptq")
     loaded = load_source(source, overrides, merge=False)
     cfg = check_lora_run(loaded.cfg, source)
+    if loaded.initial_adapters is not None and cfg.lora.base != "float":
+        kind = "LoftQ" if cfg.lora.init.startswith("loftq") else "QPiSSA"
+        raise UserError(
+            f"{source} trained {kind} adapters on a {cfg.lora.base} base quantized from W − s·B₀A₀, not from the "
+            "model's weights, which no adapter loader rebuilds from the original model: export --format merged, "
+            "or a quantized format (the merge check shows what it holds)"
+        )
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
-        written = write_peft(loaded.model, cfg, staging)
+        written = write_peft(loaded.model, cfg, staging, loaded.initial_adapters)
         read_back = load_peft_weights(str(staging), device="cpu")
         worst = 0.0
         for name, tensor in written.items():

@@ -75,11 +75,16 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_base(model: nn.Module, lora: LoraSection) -> list[str]:
-    """Replace every Linear but the head and ``base_skip`` with a frozen 4-bit one; return their names."""
+    """Replace every Linear but the head, the adapters and ``base_skip`` with a frozen 4-bit one
+    (inside an adapted layer: its ``base_layer``); return the layers' names."""
     from lowbit.quant.nf4 import FrozenNF4Linear
 
-    candidates = linear_names(model)
-    skipped = set(select(candidates, lora.base_skip, "lora.base_skip")) if lora.base_skip else set()
+    real = {
+        name.removesuffix(".base_layer"): name
+        for name in linear_names(model)
+        if not is_adapter(name) and not isinstance(model.get_submodule(name), FrozenNF4Linear)
+    }  # (a LoftQ-initialised layer is 4-bit already)
+    skipped = set(select(list(real), lora.base_skip, "lora.base_skip")) if lora.base_skip else set()
     unsupported = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
     if unsupported:
         raise UserError(
@@ -87,14 +92,11 @@ def quantize_base(model: nn.Module, lora: LoraSection) -> list[str]:
             "base does not hold: use lora.base=float for this model"
         )
     compute = DTYPES[lora.compute_dtype] if lora.compute_dtype else None
-    names = [name for name in candidates if name not in skipped]
+    names = [name for name in real if name not in skipped]
     for name in names:
-        linear = model.get_submodule(name)
-        replace_module(
-            model,
-            name,
-            FrozenNF4Linear.from_linear(linear, lora.base, lora.blocksize, lora.double_quant, compute),
-        )
+        linear = model.get_submodule(real[name])
+        quantized = FrozenNF4Linear.from_linear(linear, lora.base, lora.blocksize, lora.double_quant, compute)
+        replace_module(model, real[name], quantized)
     return names
 
 
@@ -107,13 +109,50 @@ def inject_adapters(model: nn.Module, lora: LoraSection) -> list[str]:
     )
     if targets is None:
         targets = linear_names(model)
+    init = True if lora.init in ("default", "loftq") or lora.init.startswith("loftq_") else lora.init
+    if lora.init.startswith("pissa") and any(param.is_meta for param in model.parameters()):
+        # A model built on the meta device (ranks that receive their weights from rank 0) has no
+        # weights to decompose: rank 0's PiSSA adapters and residual arrive with the others.
+        init = True
     config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        use_rslora=lora.rslora, use_dora=lora.dora,
-        init_lora_weights="gaussian" if lora.init == "gaussian" else True, bias="none",
+        use_rslora=lora.rslora, use_dora=lora.dora, init_lora_weights=init, bias="none",
     )  # fmt: skip
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     return targets
+
+
+def linear_4bit(model: nn.Module) -> list[str]:
+    """Names of the 4-bit base layers already in ``model`` (shown without peft's ``.base_layer``)."""
+    from lowbit.quant.nf4 import FrozenNF4Linear
+
+    return [n.removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, FrozenNF4Linear)]
+
+
+def loftq_initialize(model: nn.Module, lora: LoraSection) -> None:
+    """Give every adapted layer LoftQ's 4-bit base and adapters (``lowbit.quant.loftq``); a model on
+    the meta device gets the 4-bit shapes only (rank 0's values arrive with the others)."""
+    from peft.tuners.lora import LoraLayer
+
+    from lowbit.quant.loftq import loftq_layer
+    from lowbit.quant.nf4 import FrozenNF4Linear
+
+    iterations = int(lora.init.rsplit("_", 1)[1]) if lora.init.startswith("loftq_iter_") else 1
+    compute = DTYPES[lora.compute_dtype] if lora.compute_dtype else None
+    settings = {"quant_type": lora.base, "blocksize": lora.blocksize, "double_quant": lora.double_quant}
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        linear = module.get_base_layer()
+        if linear.weight.is_meta:
+            module.base_layer = FrozenNF4Linear.from_linear(linear, **settings, compute_dtype=compute)
+            continue
+        base, a, b = loftq_layer(linear, lora.rank, module.scaling[ADAPTER_NAME], iterations, **settings,
+                                 compute_dtype=compute or linear.weight.dtype)  # fmt: skip
+        module.base_layer = base
+        with torch.no_grad():
+            module.lora_A[ADAPTER_NAME].weight.copy_(a)
+            module.lora_B[ADAPTER_NAME].weight.copy_(b)
 
 
 def train_modules(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -143,8 +182,16 @@ def apply_lora(model: nn.Module, lora: LoraSection, optimizer: str = "adamw") ->
     float_bytes = sum(m.weight.numel() * m.weight.element_size() for m in _linears(model))
     for param in model.parameters():
         param.requires_grad_(False)
-    quantized = quantize_base(model, lora) if lora.base != "float" else []
+    # PiSSA splits each float weight into adapters and a residual that the 4-bit base quantizes
+    # (QPiSSA); LoftQ fits base codes and adapters together: for both the adapters go in first,
+    # on the float weights. Otherwise the base is quantized first.
+    adapters_first = lora.init.startswith(("pissa", "loftq"))
+    quantized = quantize_base(model, lora) if lora.base != "float" and not adapters_first else []
     targets = inject_adapters(model, lora)
+    if lora.init.startswith("loftq"):
+        loftq_initialize(model, lora)
+    if lora.base != "float" and adapters_first:
+        quantized = [*linear_4bit(model), *quantize_base(model, lora)]
     trainable = train_modules(model, lora.trainable) if lora.trainable else []
     merge_aware = 0
     if lora.merge_aware:

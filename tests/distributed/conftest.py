@@ -34,6 +34,7 @@ EXTRA_RUNS = [
     ("fsdp2", "qlora", "qlora"),
     ("zero3", "qlora", "qlora"),
     ("fsdp2", "qlora_kd", "qlora_kd"),
+    ("fsdp2", "qpissa", "qpissa"),
 ]
 # Same code path as another cell of the table (CI time): fsdp2 without resharding differs from
 # fsdp2 only in when layers are freed; ZeRO-1 shares ZeRO-2's optimizer partitioning.
@@ -42,7 +43,7 @@ SKIPPED = {("fsdp2_keep", m) for m in ("masked", "qat_schedule", "kd_relation", 
     ("zero1", m) for m in ("masked", "kd_relation", "qad")
 }
 PROBES = ["fsdp2", "fsdp2_keep", "zero3"]  # engines whose forwards are checked against fresh weights
-REFERENCES = [*METHOD_NAMES, "kd_topk_cache", "masked_fused_kd", "qlora", "qlora_kd"]
+REFERENCES = [*METHOD_NAMES, "kd_topk_cache", "masked_fused_kd", "qlora", "qlora_kd", "qpissa"]
 assert set(METHOD_NAMES) <= set(METHODS)
 
 

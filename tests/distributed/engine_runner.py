@@ -106,6 +106,9 @@ METHODS = {
     "masked": ["data.train_files=[{out}/sft.jsonl]", "data.seq_len=96"],  # uneven target counts per rank
     # QLoRA: NF4 base (double quant) + r=4 adapters on every linear; lr high enough that they move
     "qlora": ["lora={rank: 4, alpha: 8}", "train.lr=1e-2"],
+    # QPiSSA: adapters from the weights' principal directions, the NF4 base the residual; under FSDP2
+    # only rank 0 decomposes (the others are built on the meta device and receive rank 0's values)
+    "qpissa": ["lora={rank: 4, alpha: 8, init: pissa_niter_4}", "train.lr=1e-2"],
     # QLoRA + KD through the fused head, with the head trained in full beside the adapters
     "qlora_kd": [
         "lora={rank: 4, alpha: 8, trainable: [lm_head]}",

@@ -160,3 +160,25 @@ def test_on_cuda_the_layer_dequantizes_to_the_cpu_weights_and_trains_in_bf16():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_loftq_fits_base_and_adapters_closer_to_the_float_weight_than_nf4_alone(double_quant):
+    """LoftQ's point: dequantize(Q) + s·B·A is nearer W than NF4(W) is, and the base is
+    bitsandbytes' codes of W − s·B·A (what the layer will hold)."""
+    from lowbit.quant.loftq import loftq_layer
+
+    torch.manual_seed(9)
+    linear = nn.Linear(256, 96)
+    weight = linear.weight.detach()
+    plain = FrozenNF4Linear.from_linear(linear, double_quant=double_quant).weight
+    errors = []
+    for iterations in (1, 3):
+        base, a, b = loftq_layer(
+            linear, rank=8, scaling=2.0, iterations=iterations, double_quant=double_quant
+        )
+        fitted = base.weight + 2.0 * b @ a
+        errors.append((fitted - weight).norm().item())
+        assert torch.equal(base.bias, linear.bias) and a.shape == (8, 256) and b.shape == (96, 8)
+    assert errors[0] < (plain - weight).norm().item()
+    assert errors[1] <= errors[0] * 1.01  # more rounds do not undo the fit (LoftQ is not strictly monotone)

@@ -14,7 +14,7 @@ from lowbit.trainer.config import load_config
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.export import export, load_source
 from lowbit.trainer.loop import Trainer
-from tests.conftest import TINY, run_cli, tiny_overrides
+from tests.conftest import TINY, tiny_overrides
 
 QLORA = ["lora={rank: 4, alpha: 8}", "train.lr=1e-2", "train.warmup_steps=0", "eval.every_steps=0"]
 
@@ -184,6 +184,9 @@ def test_lora_on_a_fake_quant_base_trains_adapters_over_the_qat_layers(pretraine
         (["lora.trainable=[self_attn.q_proj]"], "lora.base_skip"),
         (["lora.base_skip=[lm_hed]"], "lora.base_skip: 'lm_hed' matches no layer"),
         (["lora.merge_aware=true"], "needs lora.base=float and a `quant` section"),
+        (["lora.init=pisa"], "lora.init: unknown value 'pisa'"),
+        (["lora.init=pissa", "lora.dora=true"], "does not combine with lora.dora"),
+        (["lora.init=loftq", "lora.base=float"], "set lora.base=nf4"),
         (["strategy.name=fsdp2", "train.optimizer=adamw_8bit"], "use train.optimizer=adamw"),
     ],
 )
@@ -192,9 +195,13 @@ def test_bad_lora_settings_are_refused_with_the_fix(pretrained_tiny, tmp_path, o
         Trainer(lora_config(tmp_path / "run", pretrained_tiny, *overrides))
 
 
-def test_the_cli_exits_2_on_a_lora_typo_and_peft_export_of_a_full_run_is_refused(pretrained_tiny, tmp_path):
-    result = run_cli("train", str(TINY), *tiny_overrides(tmp_path / "run", "lora={targets: [gate_prj]}"))
-    assert result.returncode == 2 and "close names: gate_proj" in result.stderr
+def test_the_cli_exits_2_on_a_lora_typo_and_peft_export_of_a_full_run_is_refused(
+    pretrained_tiny, tmp_path, capsys
+):
+    from lowbit.trainer.cli import main
+
+    assert main(["train", str(TINY), *tiny_overrides(tmp_path / "run", "lora={targets: [gate_prj]}")]) == 2
+    assert "close names: gate_proj" in capsys.readouterr().err
     with pytest.raises(UserError, match="not a LoRA run"):
         export(pretrained_tiny, "peft", tmp_path / "adapter")
 
@@ -238,3 +245,82 @@ def test_8bit_adamw_trains_the_adapters_and_resumes(pretrained_tiny, tmp_path):
     assert trainer.step == 3 and type(trainer.strategy.optimizer).__name__ == "AdamW8bit"
     trainer.fit()
     assert len(losses(run_dir)) == 5
+
+
+def test_pissa_starts_as_the_base_and_its_peft_export_fits_the_original_model(pretrained_tiny, tmp_path):
+    """PiSSA moves each weight's r principal directions into the adapters and leaves the residual
+    frozen: the model starts computing what the base did (float32 rounding: ≤ 1e-5), and the peft
+    export — converted to rank-2r LoRA on the *original* weights — loads onto the untouched model
+    and gives the trained logits (≤ 1e-5)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    trainer = Trainer(
+        lora_config(run_dir, pretrained_tiny, "train.max_steps=3", "lora.base=float", "lora.init=pissa")
+    )
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(4))
+    original = AutoModelForCausalLM.from_pretrained(pretrained_tiny).eval()
+    student = trainer.strategy.unwrap(trainer.parts.model)
+    with torch.no_grad():
+        assert (student(ids).logits - original(ids).logits).abs().max().item() < 1e-5
+    trainer.fit()
+    trainer.close()
+    export(run_dir, "peft", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16  # rank 2r, alpha 2·alpha: the same scaling
+    loaded = PeftModel.from_pretrained(original, tmp_path / "adapter").eval()
+    trained = load_source(run_dir, [], merge=False).model
+    with torch.no_grad():
+        assert (loaded(ids).logits - trained(ids).logits).abs().max().item() < 1e-5
+
+
+def test_qpissa_quantizes_the_residual_with_less_error_and_refuses_a_peft_export(pretrained_tiny, tmp_path):
+    """QPiSSA: NF4 of the residual plus the principal part is closer to each weight than NF4 of
+    the weight itself (the reason to use it); its adapters fit only that quantized residual, so a
+    peft export is refused (merged exports hold it)."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.quant.nf4 import FrozenNF4Linear
+
+    run_dir = tmp_path / "run"
+    trainer = Trainer(lora_config(run_dir, pretrained_tiny, "train.max_steps=2", "lora.init=pissa_niter_4",
+                                  "lora.double_quant=false"))  # fmt: skip
+    student = trainer.strategy.unwrap(trainer.parts.model)
+    original = dict(AutoModelForCausalLM.from_pretrained(pretrained_tiny).named_modules())
+    layers = {n: m for n, m in student.named_modules() if isinstance(m, LoraLayer)}
+    assert layers and all(isinstance(m.get_base_layer(), FrozenNF4Linear) for m in layers.values())
+    for name, layer in layers.items():
+        weight = original[name].weight.detach()
+        pissa = layer.get_base_layer().weight + layer.get_delta_weight("default")
+        plain = FrozenNF4Linear.from_linear(original[name], double_quant=False).weight
+        assert (pissa - weight).norm() < (plain - weight).norm(), name
+    trainer.fit()
+    trainer.close()
+    with pytest.raises(UserError, match="QPiSSA"):
+        export(run_dir, "peft", tmp_path / "adapter")
+    export(run_dir, "merged", tmp_path / "merged")
+
+
+def test_loftq_initialises_the_4bit_base_and_adapters_together(pretrained_tiny, tmp_path):
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.quant.nf4 import FrozenNF4Linear
+
+    run_dir = tmp_path / "run"
+    trainer = Trainer(lora_config(run_dir, pretrained_tiny, "train.max_steps=2", "lora.init=loftq_iter_2"))
+    student = trainer.strategy.unwrap(trainer.parts.model)
+    original = dict(AutoModelForCausalLM.from_pretrained(pretrained_tiny).named_modules())
+    layers = {n: m for n, m in student.named_modules() if isinstance(m, LoraLayer)}
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        weight = original[name].weight.detach()
+        fitted = layer.get_base_layer().weight + layer.get_delta_weight("default")
+        plain = FrozenNF4Linear.from_linear(original[name], double_quant=True).weight
+        assert (fitted - weight).norm() < (plain - weight).norm(), name
+    trainer.fit()
+    trainer.close()
+    with pytest.raises(UserError, match="LoftQ"):
+        export(run_dir, "peft", tmp_path / "adapter")
