@@ -109,6 +109,11 @@ def inject_adapters(model: nn.Module, lora: LoraSection) -> list[str]:
     )
     if targets is None:
         targets = linear_names(model)
+    if not targets:
+        raise UserError(
+            f"lora.targets: {type(model).__name__} has no nn.Linear layers to adapt (GPT-2-style Conv1D layers are "
+            "not supported by lowbit's LoRA yet): choose another model"
+        )
     init = True if lora.init in ("default", "loftq") or lora.init.startswith("loftq_") else lora.init
     if lora.init.startswith("pissa") and any(param.is_meta for param in model.parameters()):
         # A model built on the meta device (ranks that receive their weights from rank 0) has no

@@ -187,6 +187,8 @@ def test_lora_on_a_fake_quant_base_trains_adapters_over_the_qat_layers(pretraine
         (["lora.init=pisa"], "lora.init: unknown value 'pisa'"),
         (["lora.init=pissa", "lora.dora=true"], "does not combine with lora.dora"),
         (["lora.init=loftq", "lora.base=float"], "set lora.base=nf4"),
+        # quant rules run before adapters exist: a rule meant for them matches nothing, and says so
+        (["lora.base=float", 'quant={rules: [{match: "*lora_A*", weight: w4a8}]}'], "matches no"),
         (["strategy.name=fsdp2", "train.optimizer=adamw_8bit"], "use train.optimizer=adamw"),
     ],
 )
@@ -324,3 +326,16 @@ def test_loftq_initialises_the_4bit_base_and_adapters_together(pretrained_tiny, 
     trainer.close()
     with pytest.raises(UserError, match="LoftQ"):
         export(run_dir, "peft", tmp_path / "adapter")
+
+
+@pytest.mark.parametrize(("base", "message"), [("nf4", "Conv1D"), ("float", "no nn.Linear layers")])
+def test_a_gpt2_style_model_is_refused_with_the_reason(tmp_path, base, message):
+    gpt2 = "model.config={model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 4, vocab_size: 262, n_positions: 256}"
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            tmp_path / "run", gpt2, f"lora={{base: {base}}}", "train.max_steps=2", "train.warmup_steps=0"
+        ),
+    )
+    with pytest.raises(UserError, match=message):
+        Trainer(cfg)
