@@ -24,11 +24,11 @@ def loftq_layer(
     linear: nn.Linear, rank: int, scaling: float, iterations: int, **quant: object
 ) -> tuple[FrozenNF4Linear, Tensor, Tensor]:
     """The 4-bit base and the adapter weights (A: r × in, B: out × r) LoftQ gives ``linear``."""
+    if iterations < 1:
+        raise ValueError(f"LoftQ needs at least one round, got {iterations}")
     weight = linear.weight.detach().float()
     low_rank = torch.zeros_like(weight)
     base = None
-    a = weight.new_zeros(rank, weight.shape[1])
-    b = weight.new_zeros(weight.shape[0], rank)
     for _ in range(iterations):
         shifted = nn.Linear(
             linear.in_features, linear.out_features, linear.bias is not None, device=weight.device
@@ -37,7 +37,9 @@ def loftq_layer(
         if linear.bias is not None:
             shifted.bias.copy_(linear.bias.detach().float())
         base = FrozenNF4Linear.from_linear(shifted, **quant)  # type: ignore[arg-type]
-        u, s, vh = torch.linalg.svd((weight - base.dequantize().float()) / scaling, full_matrices=False)
+        u, s, vh = torch.linalg.svd(
+            (weight - base.dequantize(dtype=torch.float32)) / scaling, full_matrices=False
+        )
         root = s[:rank].sqrt()
         b, a = u[:, :rank] * root, root[:, None] * vh[:rank]
         low_rank = scaling * (b @ a)

@@ -169,9 +169,15 @@ class FrozenNF4Linear(nn.Linear):
             return (self.packed, self.absmax, self.nested_absmax, self.offset)
         return (self.packed, self.absmax)
 
-    def quant_state(self, absmax: Tensor, nested_absmax: Tensor | None = None, offset: Tensor | None = None):
-        """bitsandbytes' ``QuantState`` around these tensors (the dtype dequantization produces:
-        ``compute_dtype``)."""
+    def quant_state(
+        self,
+        absmax: Tensor,
+        nested_absmax: Tensor | None = None,
+        offset: Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """bitsandbytes' ``QuantState`` around these tensors; dequantization produces ``dtype``
+        (default ``compute_dtype``)."""
         import bitsandbytes.functional as bnbf
 
         device = absmax.device
@@ -190,15 +196,16 @@ class FrozenNF4Linear(nn.Linear):
         return bnbf.QuantState(
             absmax=absmax, shape=torch.Size((self.out_features, self.in_features)),
             code=_code_table(self.quant_type, device), blocksize=self.blocksize,
-            quant_type=self.quant_type, dtype=self.compute_dtype, offset=offset, state2=state2,
+            quant_type=self.quant_type, dtype=dtype or self.compute_dtype, offset=offset, state2=state2,
         )  # fmt: skip
 
-    def dequantize(self, *state: Tensor) -> Tensor:
-        """The ``[out, in]`` weight in ``compute_dtype``, from ``state`` (default: this module's)."""
+    def dequantize(self, *state: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """The ``[out, in]`` weight in ``dtype`` (default ``compute_dtype``), from ``state`` (default:
+        this module's)."""
         import bitsandbytes.functional as bnbf
 
         packed, *stats = state or self.state_tensors()
-        return bnbf.dequantize_4bit(packed.reshape(-1, 1), self.quant_state(*stats))
+        return bnbf.dequantize_4bit(packed.reshape(-1, 1), self.quant_state(*stats, dtype=dtype))
 
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """A float ``nn.Linear`` holding the dequantized weight (in ``dtype``: fp32 for merges)."""
@@ -206,11 +213,7 @@ class FrozenNF4Linear(nn.Linear):
             self.in_features, self.out_features, self.bias is not None, device=self.packed.device, dtype=dtype
         )
         with torch.no_grad():
-            compute, self.compute_dtype = self.compute_dtype, dtype
-            try:
-                linear.weight.copy_(self.dequantize())
-            finally:
-                self.compute_dtype = compute
+            linear.weight.copy_(self.dequantize(dtype=dtype))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear

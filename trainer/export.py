@@ -13,6 +13,7 @@ under a temporary name and renamed, so a failure never leaves a partial file the
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import shutil
@@ -361,20 +362,21 @@ def export(
     if float_type is not None and float_type not in FLOAT_TYPES:
         raise UserError(f"--float-type {float_type!r}; choose one of {', '.join(FLOAT_TYPES)}")
     out = _check_output(out, source, choice.single_file, overwrite)
-    loaded = load_source(source, overrides or [])
-    model, tokenizer, origin, trained_quantized = (
-        loaded.model,
-        loaded.tokenizer,
-        loaded.origin,
-        loaded.trained_quantized,
-    )
+    loaded = load_source(source, overrides or [], merge=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    adapters = None  # a LoRA run's model as trained, kept for the merge check of a quantized file
+    if loaded.cfg is not None and loaded.cfg.lora is not None:
+        from lowbit.trainer.export_lora import merge_adapters
+
+        adapters = copy.deepcopy(model) if choice.preset is not None else None
+        merge_adapters(model)
     if ptq:
         apply_ptq(model, fmt, ptq if isinstance(ptq, str) else None)
     inputs = collect(model, tokenizer)
     inputs.extra.update(choice.options, name=source.name)
     if choice.module == "gguf":
         inputs.extra.update(
-            float_type=float_type or "f16", tokenizer_pre=tokenizer_pre or gguf_tokenizer_pre(origin)
+            float_type=float_type or "f16", tokenizer_pre=tokenizer_pre or gguf_tokenizer_pre(loaded.origin)
         )
     elif float_type is not None:
         inputs.dtype_name = FLOAT_TYPES[float_type]
@@ -398,10 +400,9 @@ def export(
     finally:
         _remove(staging)
     comparison = []
-    if loaded.cfg is not None and loaded.cfg.lora is not None and inputs.quantized:
+    if adapters is not None and inputs.quantized:
         from lowbit.trainer.export_lora import merge_perplexities
 
-        adapters = load_source(source, overrides or [], merge=False).model
         comparison = merge_perplexities(loaded.cfg, tokenizer, adapters, model, fmt)
     parameters = sum(w.codes.numel() for w in inputs.quantized.values()) + sum(
         t.numel() for t in inputs.state.values()
@@ -414,7 +415,7 @@ def export(
         file_bytes=_size(out),
         max_delta_quantized=quantized_delta,
         max_delta_float=float_delta,
-        ptq=bool(ptq) or (bool(inputs.quantized) and not trained_quantized),
+        ptq=bool(ptq) or (bool(inputs.quantized) and not loaded.trained_quantized),
         quantized_tensors=len(inputs.quantized),
         comparison=comparison,
     )

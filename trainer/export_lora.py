@@ -96,8 +96,6 @@ def write_peft(
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    lora = cfg.lora
-    assert lora is not None
     targets = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
     trained = adapter_tensors(model)
     full = sorted({name.rsplit(".", 1)[0] for name in trained if not is_adapter(name)})
@@ -181,7 +179,7 @@ def export_peft(source: Path, out: Path, overrides: list[str], ptq) -> ExportSum
         _remove(staging)
     parameters = sum(tensor.numel() for tensor in written.values())
     kinds = {"lora": sum(1 for name in written if ".lora_" in name)}
-    if len(kinds) < len(written) and kinds["lora"] < len(written):
+    if kinds["lora"] < len(written):
         kinds["modules_to_save"] = len(written) - kinds["lora"]
     dtype = str(next(iter(written.values())).dtype).removeprefix("torch.")
     return ExportSummary(

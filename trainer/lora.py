@@ -184,7 +184,8 @@ def apply_lora(model: nn.Module, lora: LoraSection, optimizer: str = "adamw") ->
     """Freeze the base, quantize it (nf4/fp4), inject adapters, mark trainable modules; the report."""
     from lowbit.quant.nf4 import base_bytes
 
-    float_bytes = sum(m.weight.numel() * m.weight.element_size() for m in _linears(model))
+    linears = [model.get_submodule(name) for name in linear_names(model)]
+    float_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     for param in model.parameters():
         param.requires_grad_(False)
     # PiSSA splits each float weight into adapters and a residual that the 4-bit base quantizes
@@ -232,15 +233,13 @@ def apply_lora(model: nn.Module, lora: LoraSection, optimizer: str = "adamw") ->
         )
     if trainable:
         lines.append(f"  trained    in full: {', '.join(trainable)}")
+    from lowbit.trainer.optim import STATE_BYTES
+
+    state = STATE_BYTES[optimizer] * trained / 2**20
     lines.append(
-        f"  trainable  {trained / 1e6:.3f}M parameters; AdamW state {8 * trained / 2**20:.2f} MiB (fp32)"
+        f"  trainable  {trained / 1e6:.3f}M parameters; optimizer state ({optimizer}) {state:.2f} MiB"
     )
     return "\n".join(lines)
-
-
-def _linears(model: nn.Module) -> list[nn.Linear]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
 
 
 def _dtype_name(model: nn.Module) -> str:

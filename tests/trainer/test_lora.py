@@ -277,27 +277,33 @@ def test_pissa_starts_as_the_base_and_its_peft_export_fits_the_original_model(pr
         assert (loaded(ids).logits - trained(ids).logits).abs().max().item() < 1e-5
 
 
-def test_qpissa_quantizes_the_residual_with_less_error_and_refuses_a_peft_export(pretrained_tiny, tmp_path):
-    """QPiSSA: NF4 of the residual plus the principal part is closer to each weight than NF4 of
-    the weight itself (the reason to use it); its adapters fit only that quantized residual, so a
-    peft export is refused (merged exports hold it)."""
+def assert_nearer_than_nf4(trainer, model_dir, double_quant: bool) -> None:
+    """Every adapted layer of ``trainer``'s student: its 4-bit base plus its adapters is nearer the
+    pretrained weight than that weight's own NF4 codes are (Frobenius norm)."""
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
     from lowbit.quant.nf4 import FrozenNF4Linear
 
+    student = trainer.strategy.unwrap(trainer.parts.model)
+    original = dict(AutoModelForCausalLM.from_pretrained(model_dir).named_modules())
+    layers = {n: m for n, m in student.named_modules() if isinstance(m, LoraLayer)}
+    assert len(layers) == 14 and all(isinstance(m.get_base_layer(), FrozenNF4Linear) for m in layers.values())
+    for name, layer in layers.items():
+        weight = original[name].weight.detach()
+        fitted = layer.get_base_layer().weight + layer.get_delta_weight("default")
+        plain = FrozenNF4Linear.from_linear(original[name], double_quant=double_quant).weight
+        assert (fitted - weight).norm() < (plain - weight).norm(), name
+
+
+def test_qpissa_quantizes_the_residual_with_less_error_and_refuses_a_peft_export(pretrained_tiny, tmp_path):
+    """QPiSSA: NF4 of the residual plus the principal part is closer to each weight than NF4 of
+    the weight itself (the reason to use it); its adapters fit only that quantized residual, so a
+    peft export is refused (merged exports hold it)."""
     run_dir = tmp_path / "run"
     trainer = Trainer(lora_config(run_dir, pretrained_tiny, "train.max_steps=2", "lora.init=pissa_niter_4",
                                   "lora.double_quant=false"))  # fmt: skip
-    student = trainer.strategy.unwrap(trainer.parts.model)
-    original = dict(AutoModelForCausalLM.from_pretrained(pretrained_tiny).named_modules())
-    layers = {n: m for n, m in student.named_modules() if isinstance(m, LoraLayer)}
-    assert layers and all(isinstance(m.get_base_layer(), FrozenNF4Linear) for m in layers.values())
-    for name, layer in layers.items():
-        weight = original[name].weight.detach()
-        pissa = layer.get_base_layer().weight + layer.get_delta_weight("default")
-        plain = FrozenNF4Linear.from_linear(original[name], double_quant=False).weight
-        assert (pissa - weight).norm() < (plain - weight).norm(), name
+    assert_nearer_than_nf4(trainer, pretrained_tiny, double_quant=False)
     trainer.fit()
     trainer.close()
     with pytest.raises(UserError, match="QPiSSA"):
@@ -306,22 +312,9 @@ def test_qpissa_quantizes_the_residual_with_less_error_and_refuses_a_peft_export
 
 
 def test_loftq_initialises_the_4bit_base_and_adapters_together(pretrained_tiny, tmp_path):
-    from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
-
-    from lowbit.quant.nf4 import FrozenNF4Linear
-
     run_dir = tmp_path / "run"
     trainer = Trainer(lora_config(run_dir, pretrained_tiny, "train.max_steps=2", "lora.init=loftq_iter_2"))
-    student = trainer.strategy.unwrap(trainer.parts.model)
-    original = dict(AutoModelForCausalLM.from_pretrained(pretrained_tiny).named_modules())
-    layers = {n: m for n, m in student.named_modules() if isinstance(m, LoraLayer)}
-    assert len(layers) == 14
-    for name, layer in layers.items():
-        weight = original[name].weight.detach()
-        fitted = layer.get_base_layer().weight + layer.get_delta_weight("default")
-        plain = FrozenNF4Linear.from_linear(original[name], double_quant=True).weight
-        assert (fitted - weight).norm() < (plain - weight).norm(), name
+    assert_nearer_than_nf4(trainer, pretrained_tiny, double_quant=True)
     trainer.fit()
     trainer.close()
     with pytest.raises(UserError, match="LoftQ"):
