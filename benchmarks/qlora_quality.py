@@ -14,14 +14,12 @@ QLoRA: the NF4 base). Then the merged exports: the QLoRA adapter model vs its me
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from recipe_runs import ROOT, run_recipe
+from recipe_runs import ROOT, quality_setup, run_recipe
 
 RUNS = {
     "QLoRA (NF4 + r16 LoRA)": ("qlora_smollm2.yaml", []),
@@ -41,20 +39,7 @@ def lowbit(*args: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "qlora_quality"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qlora_quality.json"))
-    parser.add_argument("--reuse", action="store_true", help="keep the training rows already in --out")
-    args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    runs_dir = Path(args.runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"steps": args.steps, "rows": {}}
-    if args.reuse:
-        results = json.loads(Path(args.out).read_text())
+    args, runs_dir, results = quality_setup(__doc__, "qlora_quality")
     common = [f"train.max_steps={args.steps}", "eval.every_steps=0", "eval.at_start=true", "export=null"]
     with open(runs_dir / "runs.log", "w") as log:
         for name, (recipe, extra) in RUNS.items():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,3 +34,21 @@ def run_recipe(recipe: str, run_dir: Path, overrides: list[str], log: IO[str]) -
         "baselines": next((x for x in lines if "val_ppl_ptq" in x), {}),
         "minutes": (time.perf_counter() - started) / 60,
     }
+
+
+def quality_setup(doc: str, name: str, default_steps: int = 15) -> tuple[argparse.Namespace, Path, dict]:
+    """The quality benchmarks' shared command line (--steps, --runs-dir, --out, --reuse): the
+    parsed arguments, the runs directory (created) and the results so far (kept with --reuse)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=default_steps)
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / name))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
+    parser.add_argument("--reuse", action="store_true", help="keep the training rows already in --out")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    runs_dir = Path(args.runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"steps": args.steps, "rows": {}}
+    if args.reuse and Path(args.out).is_file():
+        results = json.loads(Path(args.out).read_text())
+    return args, runs_dir, results

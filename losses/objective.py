@@ -54,16 +54,25 @@ class Objective(nn.Module):
         return frozenset().union(*(term.needs for term in self.terms))
 
     def forward(
-        self, inputs: LossInputs, num_tokens: Tensor | int, head: HeadInputs | None = None
+        self,
+        inputs: LossInputs,
+        num_tokens: Tensor | int,
+        head: HeadInputs | None = None,
+        term_graphs: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Return (weighted loss normalised by ``num_tokens``, {name: unweighted term sum}).
 
         ``num_tokens`` is the valid-token count of the whole optimizer step (all micro-batches,
         all ranks), so per-micro-batch losses add up to the step's mean. With ``head`` (the
         fused-head path) the logit terms are computed chunk by chunk from hidden states.
+        ``term_graphs``, when given, receives each term's *unweighted* sum over ``num_tokens``
+        with its autograd graph (to take one term's gradient alone); not with ``head``, whose
+        chunks compute the logit terms' gradients together.
         """
         values: dict[str, Tensor] = {}
         total: Tensor | None = None
+        if head is not None and term_graphs is not None:
+            raise ValueError("per-term graphs are not available with the fused head")
         if head is not None:
             fused = [
                 (name, weight, term)
@@ -83,6 +92,8 @@ class Objective(nn.Module):
                 continue
             value = term(inputs)
             parts[name] = value.detach()
+            if term_graphs is not None:
+                term_graphs[name] = value / num_tokens
             if weight != 0:
                 total = value * weight if total is None else total + value * weight
         assert total is not None

@@ -13,17 +13,19 @@ from lowbit.quant.apply import (
     initialize_scales,
     quantize_model,
     quantizers,
+    set_quantizer_blend,
     set_quantizers_enabled,
     summary_table,
 )
 from lowbit.quant.convert import QuantizedWeight, convert, convert_weight
 from lowbit.quant.fake_quant import fake_quantize, learned_fake_quantize
 from lowbit.quant.grids import NF4_CODE, QParams
-from lowbit.quant.modules import FakeQuantEmbedding, FakeQuantizer, FakeQuantLinear
+from lowbit.quant.modules import BitLinear, FakeQuantEmbedding, FakeQuantizer, FakeQuantLinear
 from lowbit.quant.spec import DTYPES, GRANULARITIES, PRESETS, QuantSpec
 
 __all__ = [
     "DTYPES",
+    "BitLinear",
     "GRANULARITIES",
     "NF4_CODE",
     "PRESETS",
@@ -42,6 +44,7 @@ __all__ = [
     "learned_fake_quantize",
     "quantize_model",
     "quantizers",
+    "set_quantizer_blend",
     "set_quantizers_enabled",
     "summary_table",
 ]

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.quant.modules import FakeQuantEmbedding, FakeQuantizer, FakeQuantLinear
+from lowbit.quant.modules import BitLinear, FakeQuantEmbedding, FakeQuantizer, FakeQuantLinear
 from lowbit.quant.spec import QuantSpec
 
 RULE_FIELDS = {"match", "weight", "activation", "skip"}
@@ -137,7 +137,14 @@ def _fake_quant_version(name: str, module: nn.Module, rule: QuantRule) -> nn.Mod
                 raise ValueError("an embedding has no input activations to quantize; give a weight spec")
             if rule.activation is not None:
                 raise ValueError("an embedding's input is token ids: drop `activation` for it")
+            if rule.weight.dtype == "ternary":
+                raise ValueError(
+                    "ternary weights are for linear layers (BitNet keeps the embeddings in high precision, "
+                    "and no BitNet runtime reads a ternary table): skip the embeddings or give them an int8 spec"
+                )
             return FakeQuantEmbedding.from_embedding(module, rule.weight)
+        if rule.weight is not None and rule.weight.dtype == "ternary":
+            return BitLinear.from_linear(module, rule.weight, rule.activation)
         return FakeQuantLinear.from_linear(module, rule.weight, rule.activation)
     except ValueError as error:
         raise ValueError(f"quant rule {rule.match!r} on {name} ({type(module).__name__}): {error}") from None
@@ -197,6 +204,15 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
     """Turn all fake quant on (QAT, PTQ) or off (the float model) without touching weights."""
     for quantizer in quantizers(model):
         quantizer.enabled = enabled
+
+
+def set_quantizer_blend(model: nn.Module, weights: float | None, activations: float | None) -> None:
+    """Set the warm-up blend λ of every weight quantizer and/or activation quantizer (None: leave)."""
+    for module in model.modules():
+        for attribute, blend in (("weight_quantizer", weights), ("activation_quantizer", activations)):
+            quantizer = getattr(module, attribute, None)
+            if blend is not None and isinstance(quantizer, FakeQuantizer):
+                quantizer.blend = float(blend)
 
 
 def freeze_scales(model: nn.Module) -> None:

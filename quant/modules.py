@@ -29,12 +29,23 @@ class FakeQuantizer(nn.Module):
     initialised from the tensor given at construction (a weight). Given a weight on the meta
     device (a model built without memory, to be sharded or loaded later) they are created on the
     meta device too, with their shapes; ``initialize_scales`` fills them once the weights exist.
+
+    ``blend`` (λ, default 1) mixes the float and the quantized tensor, ``x + λ·(q(x) − x)``: the
+    quantization warm-up of the BitNet fine-tuning recipes ramps it from 0 to 1 so a pretrained
+    model meets the grid gradually. λ = 1 returns ``q(x)`` itself and λ = 0 ``x`` itself (no
+    arithmetic), so both ends are exact; in between the gradient is the STE's blended with 1.
+    Not model state (the schedule sets it from the step, so a resumed run recomputes it): the
+    forward branches on which of the three cases λ is in, and reads a value strictly between 0 and 1
+    from a non-persistent 0-dim buffer, so ``torch.compile`` sees an input, not a constant — a
+    warm-up of N steps compiles three variants, not N.
     """
 
     def __init__(self, spec: QuantSpec, init_from: Tensor | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.enabled = True
+        self.register_buffer("blend_weight", torch.ones(()), persistent=False)
+        self.blend = 1.0
         self.scale: nn.Parameter | None = None
         self.offset: nn.Parameter | None = None
         if spec.learn_scale:
@@ -45,6 +56,19 @@ class FakeQuantizer(nn.Module):
             scale, offset = initial_scale(init_from, spec)
             self.scale = nn.Parameter(scale)
             self.offset = nn.Parameter(offset) if offset is not None else None
+
+    @property
+    def blend(self) -> float:
+        """The warm-up's λ (1: fully quantized)."""
+        return self._blend
+
+    @blend.setter
+    def blend(self, value: float) -> None:
+        self._blend = float(value)
+        self._blend_case = "float" if value <= 0.0 else "quantized" if value >= 1.0 else "mixed"
+        with torch.no_grad():
+            if not self.blend_weight.is_meta:  # a meta-built model's buffer is filled when first set for real
+                self.blend_weight.fill_(self._blend)
 
     @torch.no_grad()
     def initialize_from(self, x: Tensor) -> None:
@@ -63,11 +87,15 @@ class FakeQuantizer(nn.Module):
                 param.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
+        if not self.enabled or self._blend_case == "float":
             return x
         if self.scale is not None:
-            return learned_fake_quantize(x, self.scale, self.offset, self.spec)
-        return fake_quantize(x, self.spec)
+            quantized = learned_fake_quantize(x, self.scale, self.offset, self.spec)
+        else:
+            quantized = fake_quantize(x, self.spec)
+        if self._blend_case == "quantized":
+            return quantized
+        return x + self.blend_weight.to(x.dtype) * (quantized - x)
 
     def codes(self, x: Tensor) -> tuple[Tensor, QParams]:
         """(codes in the block view, parameters): exactly what ``forward`` dequantizes."""
@@ -77,7 +105,8 @@ class FakeQuantizer(nn.Module):
         return codes, params
 
     def extra_repr(self) -> str:
-        return f"{self.spec.describe()}, enabled={self.enabled}"
+        blend = f", blend={self.blend:.3g}" if self.blend != 1.0 else ""
+        return f"{self.spec.describe()}, enabled={self.enabled}{blend}"
 
 
 class FakeQuantLinear(nn.Linear):
@@ -157,6 +186,26 @@ class FakeQuantLinear(nn.Linear):
         if self.activation_quantizer is not None:
             x = self.activation_quantizer(x)
         return F.linear(x, self.quantized_weight(), self.bias)
+
+
+class BitLinear(FakeQuantLinear):
+    """BitNet b1.58's linear layer: ternary weights, int8 per-token activations, float latent weights.
+
+    What a rule with ternary weights (the ``bitnet`` preset) swaps in. The weight is quantized with
+    an absmean scale, ``s = mean|W|`` over the tensor (per output channel or per group when the
+    spec says so), to ``clamp(round(W / s), -1, 1) · s``; the input of every token to int8 with
+    its absmax, ``clamp(round(x · 127 / max|x|)) · max|x| / 127``. Both pass gradients straight
+    through (``ste: clipped`` zeroes them outside the grid), and the optimizer updates the float
+    latent weight the layer keeps, as in "The Era of 1-bit LLMs" (Ma et al. 2024) and transformers'
+    ``integrations/bitnet.py``. It is a ``FakeQuantLinear`` — the arithmetic is the grid code every
+    export reads back bit for bit — named for what it is in the model's printout and in checks.
+
+    Scales come from the whole weight: under FSDP2 and ZeRO-3 a layer's forward sees the gathered
+    tensor, never a shard of it.
+    """
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ternary"
 
 
 class FakeQuantEmbedding(nn.Embedding):

@@ -189,6 +189,10 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
     # Transforms act on the unwrapped model, before the engine shards it or builds the optimizer.
     transformed = apply_transforms(built.model, cfg, announce=strategy.is_main)
     hooks = transformed.hooks + hooks
+    if cfg.log.term_grad_norms_every or cfg.loss_balance is not None:
+        from lowbit.trainer.term_gradients import TermGradients
+
+        hooks.append(TermGradients(cfg))
     frozen_base = None
     if frozen_names(built.model):  # rank 0 holds the weights under every engine; it speaks for all
         frozen_base = strategy.broadcast_object(frozen_fingerprint(built.model) if strategy.is_main else None)

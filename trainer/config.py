@@ -44,6 +44,13 @@ class ModelConfig(ModelSource):
     """Recompute activations in backward to save memory."""
     init_from_teacher: Optional[list[int]] = None
     """Build the student from the teacher: its embeddings, head and these teacher layers, in order."""
+    subln: bool = False
+    """Insert BitNet's sub-layer norms (SubLN): an RMSNorm on the input of each attention output
+    projection (``self_attn.attn_sub_norm``) and MLP down projection (``mlp.ffn_sub_norm``), trained."""
+    init_from: Optional[str] = None
+    """Start from the trained weights of a previous run (its run dir or a checkpoint dir) instead of
+    ``path``'s: how the stages of a recipe chain. The previous run must build the same modules
+    (same ``subln`` and quant layers); ``path`` still gives the architecture and tokenizer."""
 
 
 @dataclass
@@ -179,6 +186,9 @@ class WandbConfig:
 class LogConfig:
     every_steps: int = 1
     """Write a metrics line every N steps."""
+    term_grad_norms_every: int = 0
+    """Every N steps, log each loss term's gradient norm on the trained parameters
+    (``grad_norm/<term>``): how much each term actually pulls, whatever its weight. 0: off."""
     progress: str = "auto"
     """bar | lines | none | auto (bar on a terminal, lines otherwise)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -258,6 +268,23 @@ class ExportConfig:
 
 
 @dataclass
+class QuantWarmup:
+    """Quantization warm-up: blend ``x + λ·(q(x) − x)`` with λ ramped from 0 to 1."""
+
+    steps: int = 0
+    """Steps of the ramp, counted from the step fake quant turns on (0: no warm-up, λ = 1)."""
+    schedule: str = "linear"
+    """With t = min(steps done / steps, 1): linear (λ = t) | exponential (λ = (e^(k·t) − 1)/(e^k − 1))
+    | sigmoid (σ(k·(t − ½)) rescaled to run from 0 to 1)."""
+    k: float = 5.0
+    """Steepness of the exponential and sigmoid ramps."""
+    weights: bool = True
+    """Ramp the weight quantizers."""
+    activations: bool = True
+    """Ramp the activation quantizers (when false they quantize fully from the start)."""
+
+
+@dataclass
 class QuantConfig:
     """Quantization-aware training: fake-quant layers chosen by rules (first match wins)."""
 
@@ -273,6 +300,8 @@ class QuantConfig:
     """Also quantize the input embeddings (kept in high precision by default)."""
     baselines: bool = True
     """Measure the float and PTQ (round-to-nearest) perplexity at the start, to log ``recovered``."""
+    warmup: QuantWarmup = field(default_factory=QuantWarmup)
+    """Ramp the quantization in over some steps (BitNet fine-tuning); λ is logged as ``quant_lambda``."""
 
 
 @dataclass
@@ -318,6 +347,18 @@ class LoraSection:
 
 
 @dataclass
+class LossBalanceConfig:
+    """Scale the loss weights once, at the start, so each term's gradient has a chosen size."""
+
+    reference: str = "ce"
+    """The term whose weight stays as configured; the others are scaled against its gradient norm."""
+    ratios: dict[str, float] = field(default_factory=dict)
+    """Target ‖∇ term‖ / ‖∇ reference‖ per term name (default 1 for every term not listed)."""
+    calibration_steps: int = 1
+    """Steps whose gradient norms (first micro-batch of each) are averaged before the weights are set."""
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs. Recipes in ``configs/`` fill it; ``lowbit config`` prints it."""
 
@@ -339,6 +380,8 @@ class RunConfig:
     """Export when training ends (absent: no export)."""
     loss: list[dict[str, Any]] = field(default_factory=lambda: [{"kind": "ce", "weight": 1.0}])
     """Weighted loss terms: ``[{kind: ce, weight: 1.0}, ...]``."""
+    loss_balance: Optional[LossBalanceConfig] = None
+    """Set the terms' weights from their measured gradient norms at the start (kept in the run dir)."""
     hooks: list[dict[str, Any]] = field(default_factory=list)
     """Step hooks: ``[{kind: NAME, ...fields}]``."""
     imports: list[str] = field(default_factory=list)
@@ -354,6 +397,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "text", "instruction", "chat"),
     "data.truncation": ("error", "truncate", "drop"),
     "train.schedule": ("cosine", "linear", "constant"),
+    "quant.warmup.schedule": ("linear", "exponential", "sigmoid"),
     "lora.base": ("nf4", "fp4", "float"),
     "lora.compute_dtype": (None, "fp32", "bf16", "fp16"),
     "train.precision": ("fp32", "bf16"),
@@ -397,6 +441,62 @@ def _validate_export(cfg: RunConfig, fail) -> None:
         fail(
             f"export.format {export.format} stores quantized weights but this run trains in float: add a `quant` "
             "section (QAT) or set export.ptq: true (round to nearest after training)"
+        )
+
+
+def _validate_quant(cfg: RunConfig, fail) -> None:
+    warmup = cfg.quant.warmup
+    if warmup.steps < 0:
+        fail(f"quant.warmup.steps must be 0 (off) or positive, got {warmup.steps}")
+    if warmup.steps and cfg.quant.enable_after_steps + warmup.steps >= cfg.train.max_steps:
+        fail(
+            f"quant.warmup.steps ({warmup.steps}) after quant.enable_after_steps ({cfg.quant.enable_after_steps}) "
+            f"ends past train.max_steps ({cfg.train.max_steps}): the model would never train fully quantized. "
+            f"Set quant.warmup.steps to at most {max(0, cfg.train.max_steps - cfg.quant.enable_after_steps - 1)}"
+        )
+    if warmup.steps and warmup.schedule != "linear" and warmup.k <= 0:
+        fail(f"quant.warmup.k must be positive for the {warmup.schedule} ramp, got {warmup.k}")
+    if warmup.steps and not (warmup.weights or warmup.activations):
+        fail("quant.warmup ramps neither weights nor activations: set one of them true, or steps: 0")
+
+
+def _validate_term_gradients(cfg: RunConfig, fail) -> None:
+    """Per-term gradient norms (logging, loss balance) need each term's own graph on whole parameters."""
+    balance = cfg.loss_balance
+    if not cfg.log.term_grad_norms_every and balance is None:
+        return
+    what = "loss_balance" if balance is not None else "log.term_grad_norms_every"
+    if cfg.log.term_grad_norms_every < 0:
+        fail("log.term_grad_norms_every must be 0 (off) or positive")
+    if cfg.train.fused_head_chunk:
+        fail(
+            f"{what} measures each loss term's gradient on its own, and the fused head "
+            "(train.fused_head_chunk) computes the logit terms together: set train.fused_head_chunk: 0"
+        )
+    if cfg.strategy.name in ("fsdp2", "deepspeed"):
+        fail(
+            f"{what} takes gradients of the parameters as the model holds them, and {cfg.strategy.name} holds "
+            "shards that the forward does not use directly: measure with strategy.name single or ddp (the "
+            "weights it finds carry over: loss_balance keeps them in the run dir)"
+        )
+    if balance is None:
+        return
+    names = [str(entry.get("name") or entry.get("kind")) for entry in cfg.loss]
+    if len(names) < 2:
+        fail("loss_balance needs at least two loss terms to balance")
+    if balance.reference not in names:
+        fail(
+            f"loss_balance.reference {balance.reference!r} is not a loss term; the terms are {', '.join(names)}"
+        )
+    for name, ratio in balance.ratios.items():
+        if name not in names:
+            fail(f"loss_balance.ratios: {name!r} is not a loss term; the terms are {', '.join(names)}")
+        if ratio <= 0:
+            fail(f"loss_balance.ratios.{name} must be positive, got {ratio}")
+    if not 1 <= balance.calibration_steps < cfg.train.max_steps:
+        fail(
+            f"loss_balance.calibration_steps must be from 1 to below train.max_steps ({cfg.train.max_steps}), "
+            f"got {balance.calibration_steps}"
         )
 
 
@@ -577,7 +677,7 @@ def _validate(cfg: RunConfig, source: str) -> None:
 
     for key, allowed in CHOICES.items():
         if (key.startswith("teacher.") and cfg.teacher is None) or (
-            key.startswith("lora.") and cfg.lora is None
+            key.startswith(("lora.", "quant.")) and getattr(cfg, key.split(".")[0]) is None
         ):
             continue
         section = key.rsplit(".", 1)[0]
@@ -642,8 +742,11 @@ def _validate(cfg: RunConfig, source: str) -> None:
         fail("train.fused_head_chunk does not combine with teacher.cache: set one of them")
     if cfg.quant is not None and not cfg.quant.rules:
         fail("quant.rules is empty; e.g. quant: {rules: [{match: '*', weight: w4a8, activation: w4a8}]}")
+    if cfg.quant is not None:
+        _validate_quant(cfg, fail)
     if cfg.lora is not None:
         _validate_lora(cfg, fail)
+    _validate_term_gradients(cfg, fail)
     for entry in (*cfg.loss, *cfg.hooks):
         if "kind" not in entry:
             fail(f"every loss term and hook needs a `kind`, got {dict(entry)}")

@@ -139,6 +139,10 @@ class Source:
     """A PiSSA or LoftQ run's adapters as initialised (what a peft export must account for), else None."""
 
 
+# Writers whose architectures hold SubLN norms: transformers' bitnet model type, llama.cpp's bitnet graph.
+SUBLN_FORMATS = ("bitnet", "gguf")
+
+
 def load_source(source: Path, overrides: list[str], merge: bool = True) -> Source:
     """The model of ``source`` with its checkpoint's weights; a LoRA run's adapters merged into
     its base unless ``merge`` is False."""
@@ -352,7 +356,7 @@ def export(
     ``float_type`` (f16, bf16, f32) is how tensors left in float are stored: GGUF defaults to f16,
     the Hugging Face formats to the model's own dtype.
     """
-    from lowbit.quant.formats import ExportError, collect
+    from lowbit.quant.formats import ExportError, collect, has_subln
 
     if fmt in LORA_FORMATS:
         from lowbit.trainer.export_lora import export_peft
@@ -384,6 +388,12 @@ def export(
         raise UserError(
             f"{source} is a float model: {fmt} stores quantized weights. Train it with a `quant` rule "
             f"(preset {choice.preset}), or add --ptq to round to nearest now"
+        )
+    if has_subln(inputs) and choice.module not in SUBLN_FORMATS:
+        raise UserError(
+            f"{source} was trained with SubLN (model.subln: BitNet's norms before o_proj and down_proj), which "
+            f"{fmt}'s architecture has no place for: the file would compute another model. Export it with "
+            "--format bitnet (transformers' BitNetForCausalLM) or a gguf-* format (llama.cpp's bitnet graph)"
         )
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:

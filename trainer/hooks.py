@@ -28,6 +28,10 @@ class StepHook:
     def on_step_start(self, trainer: Trainer, step: int) -> None:
         """Before the micro-batches of step ``step`` (0-based) run."""
 
+    def train_metrics(self, trainer: Trainer) -> dict[str, float]:
+        """Values to log with the step that just ran (QAT warm-up: ``quant_lambda``)."""
+        return {}
+
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None:
         """After optimizer step ``step`` (1-based count), its logging, eval and checkpoint."""
 

@@ -242,6 +242,8 @@ class Trainer:
                     for hook in parts.hooks:
                         hook.on_step_start(self, self.step)
                     metrics = self._train_step()
+                    for hook in parts.hooks:
+                        metrics.update(hook.train_metrics(self))
                     self.step += 1
                     self.metrics.log_train(self.step, metrics)
                     last = self.step == max_steps

@@ -57,6 +57,8 @@ class LossStep:
         self.head_by_call = head_by_call
         self.max_over_ranks = max_over_ranks
         self.needs = objective.needs
+        self.term_probe: Callable[[dict[str, Tensor], dict[str, Tensor], float], None] | None = None
+        """Set by a hook for one call: gets each term's graph before the backward (term_gradients)."""
 
     def __call__(
         self, model: nn.Module, batch: dict[str, Tensor], target_tokens: float
@@ -76,6 +78,12 @@ class LossStep:
             )
         inputs, head = self._inputs(batch, outputs, student_head)
         inputs.student_qkv = qkv if "student_qkv" in self.needs else None
+        if self.term_probe is not None:
+            probe, self.term_probe = self.term_probe, None
+            graphs: dict[str, Tensor] = {}
+            result = self.objective(inputs, target_tokens, head, graphs)
+            probe(graphs, batch, float(target_tokens))
+            return result
         # The fused head applies the lm_head inside the loss: under the forward's autocast.
         with autocast(self.device, self.precision) if fused else contextlib.nullcontext():
             return self.objective(inputs, target_tokens, head)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from lowbit.trainer.config import QuantConfig
+from lowbit.trainer.config import QuantConfig, QuantWarmup
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.hooks import StepHook
 
@@ -41,18 +42,39 @@ def apply_quantization(model: nn.Module, cfg: QuantConfig) -> str:
 
 @contextlib.contextmanager
 def quantizers_enabled(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Temporarily switch every fake quantizer on or off, restoring each one's state after."""
+    """Temporarily switch every fake quantizer on (fully: warm-up blend λ = 1, the model as it will
+    be deployed) or off, restoring each one's state after."""
     from lowbit.quant import quantizers
 
     found = quantizers(model)
-    before = [q.enabled for q in found]
+    before = [(q.enabled, q.blend) for q in found]
     for quantizer in found:
-        quantizer.enabled = enabled
+        quantizer.enabled, quantizer.blend = enabled, 1.0
     try:
         yield
     finally:
-        for quantizer, state in zip(found, before):
-            quantizer.enabled = state
+        for quantizer, (state, blend) in zip(found, before):
+            quantizer.enabled, quantizer.blend = state, blend
+
+
+def warmup_lambda(steps_quantized: int, warmup: QuantWarmup) -> float:
+    """λ after ``steps_quantized`` steps with fake quant on: 0 at the start of the ramp, 1 from
+    ``warmup.steps`` on. The exponential and sigmoid ramps are the ones the Hugging Face 1.58-bit
+    fine-tuning study compared; both are rescaled to run exactly from 0 to 1."""
+    if warmup.steps <= 0:
+        return 1.0
+    t = min(max(steps_quantized, 0) / warmup.steps, 1.0)
+    if warmup.schedule == "linear" or t in (0.0, 1.0):
+        return t
+    k = warmup.k
+    if warmup.schedule == "exponential":
+        return math.expm1(k * t) / math.expm1(k)
+
+    def sigmoid(value: float) -> float:
+        return 1.0 / (1.0 + math.exp(-value))
+
+    low, high = sigmoid(-k / 2), sigmoid(k / 2)
+    return (sigmoid(k * (t - 0.5)) - low) / (high - low)
 
 
 class QuantSchedule(StepHook):
@@ -65,20 +87,30 @@ class QuantSchedule(StepHook):
     ``optim.QUANTIZER_GROUP``), not by turning off ``requires_grad``: DeepSpeed keeps stepping a
     parameter it partitioned from its Adam momentum whatever its ``requires_grad`` says, and DDP
     expects the gradients of every parameter it was built with.
+
+    With ``warmup.steps`` the quantizers blend float and quantized values, λ ramped from 0 at
+    ``enable_after_steps`` to 1; λ is a function of the step, so a resumed run continues the ramp.
     """
 
     def __init__(self, cfg: QuantConfig) -> None:
         self.measure_baselines = cfg.baselines
         self.enable_after = cfg.enable_after_steps
         self.freeze_after = cfg.freeze_scales_after_steps
+        self.warmup = cfg.warmup
+        self.blend = 1.0
         self.frozen = False
         self.baselines: dict[str, float] = {}
 
     def _apply(self, trainer: Trainer, step: int) -> None:
-        from lowbit.quant import set_quantizers_enabled
+        from lowbit.quant import set_quantizer_blend, set_quantizers_enabled
         from lowbit.trainer.optim import QUANTIZER_GROUP
 
-        set_quantizers_enabled(trainer.strategy.unwrap(trainer.parts.model), step >= self.enable_after)
+        model = trainer.strategy.unwrap(trainer.parts.model)
+        set_quantizers_enabled(model, step >= self.enable_after)
+        if self.warmup.steps:
+            self.blend = warmup_lambda(step - self.enable_after, self.warmup)
+            set_quantizer_blend(model, self.blend if self.warmup.weights else 1.0,
+                                self.blend if self.warmup.activations else 1.0)  # fmt: skip
         if self.freeze_after is not None and step >= self.freeze_after:
             # every step: the schedule sets each group's lr again after every optimizer step
             for group in trainer.parts.optimizer.param_groups:
@@ -99,6 +131,9 @@ class QuantSchedule(StepHook):
 
     def on_step_start(self, trainer: Trainer, step: int) -> None:
         self._apply(trainer, step)
+
+    def train_metrics(self, trainer: Trainer) -> dict[str, float]:
+        return {"quant_lambda": self.blend} if self.warmup.steps else {}
 
     def eval_context(self, trainer: Trainer) -> contextlib.AbstractContextManager:
         return quantizers_enabled(trainer.parts.model, True)

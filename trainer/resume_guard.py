@@ -23,7 +23,7 @@ logger = logging.getLogger("lowbit")
 
 # What the run trains: a change refuses to resume. Keys under these, except the free ones below.
 # (train.optimizer: another implementation's state does not load into this one.)
-TRAINS = ("model", "teacher", "quant", "lora", "loss", "data", "train.optimizer")
+TRAINS = ("model", "teacher", "quant", "lora", "loss", "loss_balance", "data", "train.optimizer")
 # Under TRAINS, but only about memory, loading or evaluation: free.
 FREE = (
     "model.gradient_checkpointing",

@@ -1,12 +1,13 @@
 """Model transforms: what turns the loaded model into the one that trains, in a fixed order.
 
-    loaded model ─> subln? ─> quant (QAT / BitNet rules) ─> lora (4-bit base + adapters)? ─> compile? ─> engine.wrap
+    loaded model ─> subln? ─> quant (QAT / BitNet rules) ─> init_from? ─> lora (4-bit base + adapters)?
+                 ─> compile? ─> engine.wrap
 
 Each transform is registered with its place in that order and a test of the config that turns it
 on, and is applied to the *unwrapped* model before the engine wraps it, so sharding sees the
 final modules and a transform's rules match names relative to the base model. A transform may
 add step hooks (the QAT schedule). Register your own with ``@register_transform`` in a module
-listed under ``imports:``; ``subln`` takes its place as it lands.
+listed under ``imports:``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
 from lowbit.trainer.config import RunConfig
+from lowbit.trainer.errors import UserError
 from lowbit.trainer.hooks import StepHook
 
 logger = logging.getLogger("lowbit")
@@ -56,6 +59,14 @@ def register_transform(name: str, order: int, enabled: Callable[[RunConfig], boo
     return decorate
 
 
+@register_transform("subln", order=10, enabled=lambda cfg: cfg.model.subln)
+def subln_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
+    """BitNet's sub-layer norms before each attention output and MLP down projection (``lowbit.trainer.subln``)."""
+    from lowbit.trainer.subln import apply_subln
+
+    return TransformResult(apply_subln(model))
+
+
 @register_transform("quant", order=20, enabled=lambda cfg: cfg.quant is not None)
 def quant_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
     """Fake-quant layers by ``quant.rules`` (first match wins), and the schedule that turns them on."""
@@ -67,6 +78,37 @@ def quant_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
     # Learned scales take no part in the forward while the schedule keeps fake quant off.
     learned = any(q.scale is not None for q in quantizers(model))
     return TransformResult(report, [QuantSchedule(cfg.quant)], learned and cfg.quant.enable_after_steps > 0)
+
+
+@register_transform("init_from", order=30, enabled=lambda cfg: cfg.model.init_from is not None)
+def init_from_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
+    """Load a previous run's trained weights (a recipe's earlier stage) into the transformed model:
+    after ``subln`` and ``quant`` (which build the modules that run trained), before ``lora`` (which
+    freezes and packs the base the adapters train on)."""
+    from lowbit.trainer import checkpoint as ckpt
+    from lowbit.trainer.evaluate_cli import resolve_target
+
+    assert cfg.model.init_from is not None
+    source = Path(cfg.model.init_from).expanduser()
+    _, checkpoint = resolve_target(source)
+    if checkpoint is None:
+        raise UserError(
+            f"model.init_from {source}: give a run directory or a checkpoint directory, not a file"
+        )
+    if any(
+        param.is_meta for param in model.parameters()
+    ):  # fsdp2 rank-0 load: rank 0's weights arrive at wrap
+        return TransformResult(f"weights from {checkpoint}, loaded on rank 0")
+    try:
+        ckpt.load_weights(checkpoint, model)
+    except UserError as error:
+        raise UserError(
+            f"model.init_from {source}: {error}. The previous stage must build the same modules as this one "
+            "(same model, model.subln and quant layers); a LoRA run's checkpoint holds only adapters: export "
+            "it with --format merged and start from that directory as model.path"
+        ) from None
+    step = ckpt.checkpoint_step(checkpoint)
+    return TransformResult(f"weights from {checkpoint} (step {step})")
 
 
 @register_transform("lora", order=40, enabled=lambda cfg: cfg.lora is not None)

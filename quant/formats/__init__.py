@@ -58,6 +58,15 @@ class ExportInputs:
 
 
 QUANTIZER_KEYS = ("weight_quantizer.", "activation_quantizer.")
+# BitNet's sub-layer norms (``lowbit.trainer.subln``), by their module names.
+SUBLN_NORMS = ("attn_sub_norm", "ffn_sub_norm")
+
+
+def has_subln(inputs: ExportInputs) -> bool:
+    """Whether the model carries BitNet's SubLN norms (which only BitNet architectures can hold)."""
+    return any(f".{norm}." in name for name in inputs.state for norm in SUBLN_NORMS)
+
+
 WEIGHTS_FILE = "model.safetensors"  # the Hugging Face formats' single weights file
 
 
@@ -152,6 +161,7 @@ __all__ = [
     "ExportError",
     "ExportInputs",
     "collect",
+    "has_subln",
     "linear_modules",
     "module_name",
     "skeleton",

@@ -21,6 +21,13 @@ scale to bfloat16, which is exactly what the bf16 fake-quant forward does to ``Â
 Both layers always quantize their input per token to int8 with an absmax scale, which is our
 ``bitnet`` preset's activation quantizer; ``check`` insists every quantized layer was trained with
 it, since the exported model would otherwise compute something other than the trained one.
+
+A model trained with SubLN (``model.subln``: RMSNorms before ``o_proj`` and ``down_proj``) is
+written as transformers' own ``bitnet`` model type (``BitNetForCausalLM``), whose blocks are
+exactly those: its config is the Llama config with ``model_type: bitnet`` and the source's
+activation (``hidden_act: silu``; ``BitNetConfig`` takes any), and the norms keep their names
+(``self_attn.attn_sub_norm``, ``mlp.ffn_sub_norm``). A model without SubLN keeps its own
+architecture, with the ``quantization_config`` alone.
 """
 
 from __future__ import annotations
@@ -33,7 +40,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lowbit.quant.formats import WEIGHTS_FILE, ExportError, ExportInputs, linear_modules, module_name
+from lowbit.quant.formats import (
+    WEIGHTS_FILE,
+    ExportError,
+    ExportInputs,
+    has_subln,
+    linear_modules,
+    module_name,
+)
 
 VALUES_PER_BYTE = 4  # 2 bits per ternary value
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
@@ -102,6 +116,8 @@ def _linear_class(inputs: ExportInputs) -> str:
 def check(inputs: ExportInputs) -> None:
     """Refuse weights the BitNet layers cannot hold, naming the layer and the fix."""
     _linear_class(inputs)
+    if has_subln(inputs):
+        _check_bitnet_architecture(inputs.config)
     if not inputs.quantized:
         raise ExportError(
             "no quantized weights to export: quantize the model's Linear layers with the `bitnet` preset "
@@ -138,6 +154,32 @@ def check(inputs: ExportInputs) -> None:
             )
 
 
+def _check_bitnet_architecture(config) -> None:
+    """What transformers' ``BitNetForCausalLM`` (Llama blocks + SubLN) can express of this model."""
+    problems = []
+    if getattr(config, "model_type", None) != "llama":
+        problems.append(f"it is {getattr(config, 'model_type', None)!r}, not a Llama-architecture model")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if head_dim * heads != config.hidden_size:
+        problems.append(f"its attention width {heads} Ã— {head_dim} differs from hidden_size {config.hidden_size}, "
+                        "and BitNet's attn_sub_norm is hidden_size wide")  # fmt: skip
+    if getattr(config, "mlp_bias", False):
+        problems.append("its MLP has biases, which BitNet's MLP has not")
+    if problems:
+        raise ExportError(
+            "this model has SubLN norms, so it exports as transformers' bitnet model type, but "
+            f"{'; '.join(problems)}"
+        )
+
+
+def bitnet_model_config(config: dict) -> dict:
+    """The ``config.json`` of a SubLN model as transformers' ``bitnet`` model type (BitNetForCausalLM)."""
+    config = {key: value for key, value in config.items() if key not in ("mlp_bias", "pretraining_tp")}
+    config.update(model_type="bitnet", architectures=["BitNetForCausalLM"])
+    return config
+
+
 def _forward_fields(spec) -> tuple:
     """The fields of an activation spec that change the forward (not the STE used in training)."""
     return spec.dtype, spec.granularity, spec.symmetric, spec.scale_dtype
@@ -165,6 +207,8 @@ def write(inputs: ExportInputs, out: Path) -> None:
     quantized_modules = {module_name(name) for name in inputs.quantized}
     float_linears = sorted(set(linear_modules(inputs.config)) - quantized_modules)
     config = inputs.config.to_dict()
+    if has_subln(inputs):
+        config = bitnet_model_config(config)
     config["dtype"] = inputs.dtype_name
     config["quantization_config"] = {
         "quant_method": "bitnet",

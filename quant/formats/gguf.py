@@ -8,6 +8,11 @@ Tensors the scheme leaves in float are stored as f16 (bf16/f32 on request; norms
 llama.cpp's llama graph expects the rows of ``attn_q``/``attn_k`` permuted from Hugging Face's
 rotate-half RoPE layout to its interleaved one (``convert_hf_to_gguf.py``'s ``permute``); whole
 rows move, so the blocks (which run along a row) move with them intact.
+
+A model trained with SubLN (BitNet's norms before ``o_proj`` and ``down_proj``) is written as
+llama.cpp's ``bitnet`` architecture (``src/models/bitnet.cpp``): Llama blocks plus
+``attn_sub_norm``/``ffn_sub_norm``, a SiLU-gated MLP, NeoX-style RoPE (Hugging Face's own row
+order: no permutation), and the output head always tied to ``token_embd``.
 """
 
 from __future__ import annotations
@@ -17,16 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, RopeScalingType, TokenType
 from gguf import quants as gguf_quants
 from torch import Tensor
 
 from lowbit.quant.convert import QuantizedWeight
-from lowbit.quant.formats import ExportError, ExportInputs
+from lowbit.quant.formats import ExportError, ExportInputs, has_subln
 from lowbit.quant.packing import QK_TERNARY, pack_blocks
 
 # HF model_type -> GGUF architecture. Mistral's dense models use llama.cpp's llama graph.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+BITNET = "bitnet"  # llama.cpp's graph for Llama blocks with SubLN
 
 TYPES = {
     "q8_0": GGMLQuantizationType.Q8_0,
@@ -68,6 +74,8 @@ _LAYER_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.attn_sub_norm": "attn_sub_norm",
+    "mlp.ffn_sub_norm": "ffn_sub_norm",
 }
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
@@ -100,7 +108,14 @@ def rope_permutation(rows: int, heads: int) -> np.ndarray:
     return index.reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(rows)
 
 
-def _heads_for(name: str, config) -> int | None:
+def architecture(inputs: ExportInputs) -> str:
+    """The llama.cpp architecture that computes this model: ``bitnet`` with SubLN norms, else by model type."""
+    return BITNET if has_subln(inputs) else ARCHITECTURES[inputs.config.model_type]
+
+
+def _heads_for(name: str, config, arch: str) -> int | None:
+    if arch == BITNET:  # NeoX RoPE: Hugging Face's row order as it is
+        return None
     if name.endswith("attn_q.weight"):
         return config.num_attention_heads
     if name.endswith("attn_k.weight"):
@@ -151,6 +166,8 @@ def check(inputs: ExportInputs) -> None:
         raise ExportError(
             "GGUF export: llama.cpp's llama graph has no q/k/v/o or MLP biases; this model has them"
         )
+    if has_subln(inputs):
+        _check_bitnet(inputs)
     for name in [*inputs.state, *inputs.quantized]:
         gguf_name(name)
     if kind == "f16":
@@ -166,6 +183,29 @@ def check(inputs: ExportInputs) -> None:
             raise ExportError(
                 f"gguf-{kind} cannot hold {name}, quantized as {weight.spec.describe()}: {problem}. {_fix(name, weight, kind)}"
             )
+
+
+def _check_bitnet(inputs: ExportInputs) -> None:
+    """What llama.cpp's ``bitnet`` graph fixes: a Llama model, a tied head, square attention."""
+    config = inputs.config
+    if config.model_type != "llama":
+        raise ExportError(
+            f"GGUF export: a SubLN model is written as llama.cpp's bitnet architecture, whose blocks are Llama's; "
+            f"this model is {config.model_type!r}"
+        )
+    if "lm_head.weight" in inputs.state or "lm_head.weight" in inputs.quantized:
+        raise ExportError(
+            "GGUF export: llama.cpp's bitnet graph always uses the token embeddings as the output head, and this "
+            "model's head is its own (untied, or quantized apart from the embeddings); export with --format "
+            "bitnet for transformers, or train with a tied head kept in high precision"
+        )
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if heads * head_dim != config.hidden_size:
+        raise ExportError(
+            f"GGUF export: llama.cpp's bitnet graph needs attention width = hidden_size; this model has "
+            f"{heads} × {head_dim} = {heads * head_dim} ≠ {config.hidden_size}"
+        )
 
 
 def _fix(name: str, weight: QuantizedWeight, kind: str) -> str:
@@ -255,14 +295,18 @@ def write(inputs: ExportInputs, out: Path) -> None:
     kind = _gguf_type(inputs)
     float_type = inputs.extra.get("float_type", "f16")
     config = inputs.config
-    writer = GGUFWriter(str(out), ARCHITECTURES[config.model_type])
+    arch = architecture(inputs)
+    writer = GGUFWriter(str(out), arch)
     _write_metadata(writer, config, kind, inputs.extra)
+    if arch == BITNET:  # as llama.cpp's converter writes BitNet models
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(1.0)
     if inputs.tokenizer is not None:
         _write_tokenizer(writer, inputs.tokenizer, config.vocab_size, inputs.extra.get("tokenizer_pre"))
     names = sorted([*inputs.state, *inputs.quantized], key=_tensor_order)
     for name in names:
         target = gguf_name(name)
-        heads = _heads_for(target, config)
+        heads = _heads_for(target, config, arch)
         if name in inputs.quantized and kind != "f16":
             weight = inputs.quantized[name]
             codes, scales, minimums = _format_codes(weight, kind)
@@ -369,15 +413,16 @@ def _write_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int, pre: str | 
 def read(out: Path) -> dict[str, Tensor]:
     """Every tensor as ``gguf``'s own reader dequantizes it, back in HF names and row order."""
     reader = GGUFReader(str(out))
-    heads = int(reader.fields["llama.attention.head_count"].contents())
-    kv_heads = int(reader.fields["llama.attention.head_count_kv"].contents())
+    arch = str(reader.fields["general.architecture"].contents())
+    heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
+    kv_heads = int(reader.fields[f"{arch}.attention.head_count_kv"].contents())
     weights: dict[str, Tensor] = {}
     for tensor in reader.tensors:
         values = gguf_quants.dequantize(tensor.data, tensor.tensor_type)
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
         values = np.asarray(values, dtype=np.float32).reshape(shape)
         count = heads if tensor.name.endswith("attn_q.weight") else kv_heads
-        if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch != BITNET and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
             inverse = np.argsort(rope_permutation(values.shape[0], count))
             values = values[inverse]
         weights[hf_name(tensor.name)] = torch.from_numpy(values.copy())

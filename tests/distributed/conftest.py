@@ -35,6 +35,9 @@ EXTRA_RUNS = [
     ("zero3", "qlora", "qlora"),
     ("fsdp2", "qlora_kd", "qlora_kd"),
     ("fsdp2", "qpissa", "qpissa"),
+    # the BitDistill recipe's composition on the sharding engines
+    ("fsdp2", "bitnet_distill", "bitnet_distill"),
+    ("zero3", "bitnet_distill", "bitnet_distill"),
 ]
 # Same code path as another cell of the table (CI time): fsdp2 without resharding differs from
 # fsdp2 only in when layers are freed; ZeRO-1 shares ZeRO-2's optimizer partitioning.
@@ -43,7 +46,15 @@ SKIPPED = {("fsdp2_keep", m) for m in ("masked", "qat_schedule", "kd_relation", 
     ("zero1", m) for m in ("masked", "kd_relation", "qad")
 }
 PROBES = ["fsdp2", "fsdp2_keep", "zero3"]  # engines whose forwards are checked against fresh weights
-REFERENCES = [*METHOD_NAMES, "kd_topk_cache", "masked_fused_kd", "qlora", "qlora_kd", "qpissa"]
+REFERENCES = [
+    *METHOD_NAMES,
+    "kd_topk_cache",
+    "masked_fused_kd",
+    "qlora",
+    "qlora_kd",
+    "qpissa",
+    "bitnet_distill",
+]
 assert set(METHOD_NAMES) <= set(METHODS)
 
 

@@ -109,6 +109,19 @@ METHODS = {
     # QPiSSA: adapters from the weights' principal directions, the NF4 base the residual; under FSDP2
     # only rank 0 decomposes (the others are built on the meta device and receive rank 0's values)
     "qpissa": ["lora={rank: 4, alpha: 8, init: pissa_niter_4}", "train.lr=1e-2"],
+    # BitDistill: SubLN, ternary weights + int8 activations ramped in over 2 steps, CE + logit KL
+    # (T = 5) + Q/K/V relations; each forward's ternary weight is checked against the absmean
+    # ternary of the whole current weight (not of a shard)
+    "bitnet_distill": [
+        "model.subln=true",
+        'quant={rules: [{match: "*", weight: bitnet, activation: bitnet}], warmup: {steps: 2}}',
+        WIDE_TEACHER,
+        "teacher.tokenizer=byte",
+        "loss=[{kind: ce, weight: 1.0}, {kind: kd_kl, weight: 1.0, temperature: 5.0}, "
+        "{kind: attn_relation, weight: 1.0, layer_map: [[1, 3]], relation_heads: 8}]",
+        f"imports=[{Path(__file__).with_name('fault_hooks.py')}]",
+        "hooks=[{kind: check_forward_weights, out: '{run_dir}/forward_weights.txt'}]",
+    ],
     # QLoRA + KD through the fused head, with the head trained in full beside the adapters
     "qlora_kd": [
         "lora={rank: 4, alpha: 8, trainable: [lm_head]}",

@@ -42,7 +42,7 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
 @HOOKS.register("check_forward_weights")
 class CheckForwardWeights(StepHook):
     """Before each step, fake-quantize every quantized layer's *current full* weight (gathered
-    from its shards); during the step, record the weight each forward of each layer really used
+    from its shards; blended by the warm-up's λ where one runs); during the step, record the weight each forward of each layer really used
     (every micro-batch); after it, count the forwards where the two differ. A cache that outlives
     an optimizer step fails."""
 
@@ -73,7 +73,10 @@ class CheckForwardWeights(StepHook):
     def on_step_start(self, trainer, step) -> None:
         self.used.clear()
         for name, module in self._layers(trainer):
-            self.expected[name] = fake_quantize(full_weight(module.weight), module.weight_quantizer.spec)
+            weight, quantizer = full_weight(module.weight), module.weight_quantizer
+            quantized = fake_quantize(weight, quantizer.spec)
+            blend = quantizer.blend  # a quantization warm-up's λ for this step (set by the schedule first)
+            self.expected[name] = quantized if blend >= 1 else weight + blend * (quantized - weight)
 
     def on_step_end(self, trainer, step, metrics) -> None:
         bad = sum(
