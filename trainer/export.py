@@ -172,7 +172,10 @@ def load_source(source: Path, overrides: list[str], merge: bool = True) -> Sourc
     model = load_model(model_cfg, model_dir, seed=0, vocab_needed=len(tokenizer))
     trained_quantized = False
     if cfg is not None:
-        apply_transforms(model, cfg, announce=False)
+        # A checkpoint holds every weight unless the run froze a base (LoRA, whose base may come from
+        # an earlier stage): then the earlier stage's run need not exist any more to export this one.
+        whole = checkpoint is not None and cfg.lora is None
+        apply_transforms(model, cfg, announce=False, skip=("init_from",) if whole else ())
     if cfg is not None and cfg.quant is not None and (cfg.lora is None or cfg.lora.merge_aware):
         # (plain LoRA trains fake_quant(W) + B A: its merge, quantized, is a PTQ; merge-aware is exact)
         trained_quantized = (

@@ -132,11 +132,14 @@ def compile_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
     return TransformResult(f"{len(layers)} decoder layers compiled with torch.compile")
 
 
-def apply_transforms(model: nn.Module, cfg: RunConfig, announce: bool) -> TransformResult:
-    """Apply every enabled transform in order; return their hooks and flags together."""
+def apply_transforms(
+    model: nn.Module, cfg: RunConfig, announce: bool, skip: tuple[str, ...] = ()
+) -> TransformResult:
+    """Apply every enabled transform in order, but those named in ``skip``; return their hooks and
+    flags together."""
     combined = TransformResult()
     for transform in sorted(TRANSFORMS.values(), key=lambda t: t.order):
-        if not transform.enabled(cfg):
+        if not transform.enabled(cfg) or transform.name in skip:
             continue
         result = transform.apply(model, cfg)
         combined.hooks.extend(result.hooks)

@@ -78,24 +78,17 @@ def test_checkpoint_readers_give_the_weights_the_live_engine_consolidates(engine
     assert all(torch.equal(live[name], read[name]) for name in live)
 
 
-@pytest.mark.parametrize("engine", PROBES)
-def test_each_forward_fake_quantizes_the_current_full_weight_after_every_step(engine_runs, engine):
+@pytest.mark.parametrize(("engine", "method"), [*[(e, "qat_probe") for e in PROBES], ("fsdp2", "bitnet_distill"),
+                                               ("zero3", "bitnet_distill")])  # fmt: skip
+def test_each_forward_fake_quantizes_the_current_full_weight_after_every_step(engine_runs, engine, method):
     """Under sharding the gathered weight is refilled in place each step (same version, often the
     same memory): the cache keyed on (_version, data_ptr) that lowbit had served the previous
     step's weights whenever the allocator handed back the same memory (with it restored, this check
     counted 1 stale forward under fsdp2 without resharding and 2 under ZeRO-3, in 6 steps; whether
     the memory is reused varies from run to run). Per step: training forwards
-    whose weight differs from fake_quant(current full weight)."""
-    mismatches = (engine_runs / engine / "qat_probe" / "forward_weights.txt").read_text().split()
-    assert mismatches == ["0"] * 6
-
-
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
-def test_bitnet_forwards_use_the_absmean_ternary_of_the_whole_weight(engine_runs, engine):
-    """Per-tensor absmean scales come from the whole weight under the sharding engines: every
-    training forward's weight equals the (warm-up blended) absmean ternary of the full current
-    weight, gathered from the shards, bit for bit, in all 6 steps."""
-    mismatches = (engine_runs / engine / "bitnet_distill" / "forward_weights.txt").read_text().split()
+    whose weight differs from fake_quant(current full weight). The BitNet runs check that per-tensor
+    absmean scales come from the whole weight (warm-up blend included), not from a shard."""
+    mismatches = (engine_runs / engine / method / "forward_weights.txt").read_text().split()
     assert mismatches == ["0"] * 6
 
 

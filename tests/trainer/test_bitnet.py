@@ -218,9 +218,17 @@ def test_init_from_starts_a_stage_from_the_previous_runs_weights(tiny_config, tm
                                   "train.max_steps=1", *SHORT, run_dir=tmp_path / "b"))  # fmt: skip
     state = stage_b.strategy.unwrap(stage_b.parts.model).state_dict()
     assert all(torch.equal(state[name], tensor) for name, tensor in trained.items())
+    stage_b.fit()
     stage_b.close()
     with pytest.raises(UserError, match="must build the same modules"):
         Trainer(tiny_config(BITNET_RULES, f"model.init_from={tmp_path / 'a'}", run_dir=tmp_path / "c"))
+    # stage 2's checkpoint holds all its weights: it exports without stage 1's run
+    import shutil
+
+    from lowbit.trainer.export import export
+
+    shutil.rmtree(tmp_path / "a")
+    assert export(tmp_path / "b", "bitnet", tmp_path / "hf").max_delta_quantized == 0
 
 
 def test_lora_on_a_ternary_subln_base_trains_adapters_and_norms_and_leaves_the_base(tiny_config):
