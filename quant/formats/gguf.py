@@ -22,8 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, RopeScalingType, TokenType
+from gguf import (
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    GGUFWriter,
+    Keys,
+    LlamaFileType,
+    RopeScalingType,
+    TokenType,
+)
 from gguf import quants as gguf_quants
+from gguf.utility import size_label
 from torch import Tensor
 
 from lowbit.quant.convert import QuantizedWeight
@@ -55,6 +65,10 @@ FLOAT_TYPES = {
     "f32": (GGMLQuantizationType.F32, np.float32),
     "bf16": (GGMLQuantizationType.BF16, None),
 }
+# How the token embeddings (and an untied output head) may be stored when the scheme leaves them in float.
+EMBEDDING_TYPES = ("f16", "bf16", "f32", "q8_0")
+EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
+
 # What each quantized type holds exactly: (dtype, symmetric, how to name the training preset).
 HOLDS = {
     "q8_0": ("int8", True, "gguf_q8_0"),
@@ -78,6 +92,18 @@ _LAYER_NAMES = {
     "mlp.ffn_sub_norm": "ffn_sub_norm",
 }
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+class _Writer(GGUFWriter):
+    """``GGUFWriter`` that can write an empty array, which the GGUF format allows and gguf-py
+    refuses: a byte-level vocabulary has no BPE merges, and llama.cpp's ``gpt2`` tokenizer will not
+    load without the ``tokenizer.ggml.merges`` key ("cannot find tokenizer merges in model file")."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:  # type: ignore[override]
+        if vtype == GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+            header = self._pack("I", vtype) if add_vtype else b""
+            return header + self._pack("I", sub_type) + self._pack("Q", 0)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
 def gguf_name(hf_name: str) -> str:
@@ -138,6 +164,31 @@ def _rope_type(config) -> str:
     return "default"
 
 
+def embedding_type(inputs: ExportInputs) -> str:
+    """Storage of float embeddings: ``--embedding-type``, else what ``llama-quantize`` picks for the
+    file's type — the float type for f16 files; for quantized ones Q8_0 (llama-quantize takes Q6_K
+    when rows are whole 256-value blocks, which lowbit does not write yet, and Q8_0 otherwise)."""
+    chosen = inputs.extra.get("embedding_type")
+    float_type = inputs.extra.get("float_type", "f16")
+    if chosen is None:
+        chosen = float_type if _gguf_type(inputs) == "f16" else "q8_0"
+    if chosen not in EMBEDDING_TYPES:
+        raise ExportError(f"unknown embedding type {chosen!r}; choose one of {', '.join(EMBEDDING_TYPES)}")
+    return chosen
+
+
+def stored_type(name: str, tensor: Tensor, inputs: ExportInputs) -> str:
+    """The GGUF type a float tensor is written as: f32 for norms, the embedding type for the
+    embeddings and untied head, else the float type."""
+    if tensor.dim() == 1:
+        return "f32"
+    if gguf_name(name) in EMBEDDING_TENSORS:
+        kind = embedding_type(inputs)
+        if kind != "q8_0" or tensor.shape[-1] % 32 == 0:  # rows that are not whole Q8_0 blocks stay float
+            return kind
+    return inputs.extra.get("float_type", "f16")
+
+
 def _gguf_type(inputs: ExportInputs) -> str:
     kind = inputs.extra.get("gguf_type", "q4_0")
     if kind not in TYPES:
@@ -170,6 +221,14 @@ def check(inputs: ExportInputs) -> None:
         _check_bitnet(inputs)
     for name in [*inputs.state, *inputs.quantized]:
         gguf_name(name)
+    embedding_type(inputs)  # a known name
+    if inputs.extra.get("embedding_type") == "q8_0":  # asked for (the default falls back to the float type)
+        for name, tensor in inputs.state.items():
+            if gguf_name(name) in EMBEDDING_TENSORS and tensor.shape[-1] % 32:
+                raise ExportError(
+                    f"--embedding-type q8_0: rows of {name} hold {tensor.shape[-1]} values, not whole 32-value "
+                    "Q8_0 blocks; store it as f16 (--embedding-type f16)"
+                )
     if kind == "f16":
         return
     if not inputs.quantized:
@@ -281,8 +340,6 @@ def _format_codes(weight: QuantizedWeight, kind: str) -> tuple[np.ndarray, np.nd
 
 
 def _float_array(tensor: Tensor, float_type: str) -> tuple[np.ndarray, GGMLQuantizationType]:
-    if tensor.dim() == 1:  # norms: llama.cpp keeps them f32
-        return tensor.float().numpy(), GGMLQuantizationType.F32
     qtype, np_dtype = FLOAT_TYPES[float_type]
     if np_dtype is None:  # bf16: numpy has no such dtype; store its bits as raw bytes
         bits = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
@@ -296,7 +353,7 @@ def write(inputs: ExportInputs, out: Path) -> None:
     float_type = inputs.extra.get("float_type", "f16")
     config = inputs.config
     arch = architecture(inputs)
-    writer = GGUFWriter(str(out), arch)
+    writer = _Writer(str(out), arch)
     _write_metadata(writer, config, kind, inputs.extra)
     if arch == BITNET:  # as llama.cpp's converter writes BitNet models
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
@@ -321,7 +378,12 @@ def write(inputs: ExportInputs, out: Path) -> None:
         tensor = tensor.detach().cpu()
         if heads:
             tensor = tensor[torch.from_numpy(rope_permutation(tensor.shape[0], heads))]
-        array, qtype = _float_array(tensor, float_type)
+        storage = float_type if name in inputs.quantized else stored_type(name, tensor, inputs)
+        if storage == "q8_0":  # gguf's own Q8_0 quantizer: llama-quantize's bytes
+            data = gguf_quants.quantize(tensor.float().numpy(), GGMLQuantizationType.Q8_0)
+            writer.add_tensor(target, data, raw_shape=data.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+            continue
+        array, qtype = _float_array(tensor, storage)
         writer.add_tensor(target, array, raw_shape=array.shape, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -335,10 +397,71 @@ def _tensor_order(name: str) -> tuple[int, str]:
     return layer, name
 
 
+# The source GGUF's ``general.*`` keys that say where the model comes from and on what terms: an
+# export keeps them (its license still applies). Setter per key.
+PROVENANCE = {
+    "general.basename": "add_basename", "general.size_label": "add_size_label", "general.license": "add_license",
+    "general.license.name": "add_license_name", "general.license.link": "add_license_link",
+    "general.author": "add_author", "general.organization": "add_organization", "general.url": "add_url",
+    "general.repo_url": "add_repo_url", "general.languages": "add_languages", "general.tags": "add_tags",
+}  # fmt: skip
+
+
+def source_metadata(path: Path) -> dict[str, object]:
+    """The ``general.*`` fields of a GGUF file (where an exported model came from)."""
+    reader = GGUFReader(str(path))
+    return {key: field.contents() for key, field in reader.fields.items() if key.startswith("general.")}
+
+
+def _write_general(writer: GGUFWriter, config, extra: dict, parameters: int) -> None:
+    """``general.*``: provenance from the source GGUF, and names that say what this file is.
+
+    ``general.name`` is ``basename size finetune`` as llama.cpp's converter writes it: for a trained
+    run ``finetune`` is the run's name and the source becomes ``general.base_model.0``; a model
+    exported as it is keeps its own name and finetune.
+    """
+    source = dict(extra.get("source_general") or {})
+    for key, setter in PROVENANCE.items():
+        if key in source:
+            getattr(writer, setter)(source[key])
+    basename = (
+        source.get("general.basename") or Path(str(getattr(config, "_name_or_path", "") or "model")).name
+    )
+    if "general.basename" not in source:
+        writer.add_basename(basename)
+    size = source.get("general.size_label") or size_label(parameters, 0, 0, 0)
+    if "general.size_label" not in source:
+        writer.add_size_label(size)
+    run = extra.get("run_name")
+    if run:
+        writer.add_finetune(run)
+        writer.add_name(f"{basename} {size} {run}")
+        if source.get("general.name"):
+            writer.add_base_model_count(1)
+            writer.add_base_model_name(0, str(source["general.name"]))
+            for key, setter in (("general.organization", "add_base_model_organization"),
+                                ("general.repo_url", "add_base_model_repo_url")):  # fmt: skip
+                if key in source:
+                    getattr(writer, setter)(0, str(source[key]))
+    else:
+        if source.get("general.finetune"):
+            writer.add_finetune(str(source["general.finetune"]))
+        writer.add_name(str(source.get("general.name") or f"{basename} {size}"))
+
+
+def _file_type(kind: str, float_type: str) -> LlamaFileType:
+    """What the file mostly holds: the quantized type, or the float type when nothing is quantized."""
+    if kind != "f16":
+        return FILE_TYPES[kind]
+    return {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "f32": LlamaFileType.ALL_F32}[
+        float_type
+    ]
+
+
 def _write_metadata(writer: GGUFWriter, config, kind: str, extra: dict) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    writer.add_name(str(extra.get("name") or getattr(config, "_name_or_path", "") or "lowbit export"))
+    _write_general(writer, config, extra, int(extra.get("parameters", 0)))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -352,7 +475,7 @@ def _write_metadata(writer: GGUFWriter, config, kind: str, extra: dict) -> None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(FILE_TYPES[kind])
+    writer.add_file_type(_file_type(kind, extra.get("float_type", "f16")))
     writer.add_quantization_version(2)
 
 
@@ -390,9 +513,11 @@ def _write_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int, pre: str | 
     writer.add_tokenizer_pre(pre or "default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    if not merges:  # a pure byte vocabulary: transformers' GGUF reader then rebuilds merges from scores
-        writer.add_token_scores([0.0] * size)
+    if merges:
+        writer.add_token_merges(merges)
+    else:  # a pure byte vocabulary: the key must exist for llama.cpp, empty
+        writer.add_key_value(Keys.Tokenizer.MERGES, [], GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+        writer.add_token_scores([0.0] * size)  # transformers' GGUF reader rebuilds (no) merges from scores
     for setter, token_id in (
         (writer.add_bos_token_id, tokenizer.bos_token_id),
         (writer.add_eos_token_id, tokenizer.eos_token_id),

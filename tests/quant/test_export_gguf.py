@@ -74,7 +74,7 @@ def test_trained_grid_reads_back_bit_for_bit(tmp_path, preset, kind):
     model = tiny_llama(tie=False)
     quantize_model(model, [{"match": "*", "weight": preset}])
     inputs = collect(model, byte_tokenizer())
-    inputs.extra.update(gguf_type=kind, float_type="f32")
+    inputs.extra.update(gguf_type=kind, float_type="f32", embedding_type="f32")
     gguf_format.check(inputs)
     path = tmp_path / "model.gguf"
     gguf_format.write(inputs, path)
@@ -84,6 +84,41 @@ def test_trained_grid_reads_back_bit_for_bit(tmp_path, preset, kind):
         assert torch.equal(back[name], weight.dequantize()), name
     for name, tensor in inputs.state.items():
         assert torch.equal(back[name], tensor.float()), name  # f32 storage: unchanged
+
+
+def test_embeddings_are_stored_as_llama_quantize_stores_them_unless_asked_otherwise(tmp_path):
+    """Quantized files: the float token embeddings and an untied head as Q8_0, byte for byte what
+    gguf's (= llama.cpp's) Q8_0 quantizer writes; f16 files keep them f16; --embedding-type chooses."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import quants as gguf_quants
+
+    model = tiny_llama(tie=False)
+    quantize_model(model, [{"match": "model.layers.*", "weight": "gguf_q4_0"}])
+    inputs = collect(model, byte_tokenizer())
+    inputs.extra.update(gguf_type="q4_0")
+    gguf_format.write(inputs, tmp_path / "default.gguf")
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "default.gguf")).tensors}
+    for name, source in (
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output.weight", "lm_head.weight"),
+    ):
+        assert tensors[name].tensor_type == GGMLQuantizationType.Q8_0
+        expected = gguf_quants.quantize(inputs.state[source].float().numpy(), GGMLQuantizationType.Q8_0)
+        assert np.array_equal(np.asarray(tensors[name].data), expected)
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == GGMLQuantizationType.F32
+    inputs.extra.update(embedding_type="bf16")
+    gguf_format.write(inputs, tmp_path / "bf16.gguf")
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "bf16.gguf")).tensors}
+    assert tensors["token_embd.weight"].tensor_type == GGMLQuantizationType.BF16
+    inputs.extra.update(gguf_type="f16", embedding_type=None)
+    gguf_format.write(inputs, tmp_path / "f16.gguf")
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "f16.gguf")).tensors}
+    assert tensors["token_embd.weight"].tensor_type == GGMLQuantizationType.F16
+    narrow = collect(tiny_llama(hidden=48, intermediate=96))
+    narrow.extra.update(gguf_type="f16", embedding_type="q8_0")
+    with pytest.raises(ExportError, match="rows of model.embed_tokens.weight hold 48 values"):
+        gguf_format.check(narrow)
 
 
 def test_ternary_types_hold_fp16_scaled_ternary_weights(tmp_path):
@@ -123,6 +158,40 @@ def test_metadata_llama_cpp_needs(tmp_path):
     assert meta["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
     assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     assert "output.weight" not in {t for t in gguf_format.read(path)}  # tied head: token_embd serves
+
+
+SOURCE = {"general.name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "general.basename": "smollm2",
+          "general.size_label": "135M", "general.finetune": "8k-lc100k-mix1-ep2", "general.license": "apache-2.0",
+          "general.organization": "HuggingFaceTB", "general.languages": ["en"]}  # fmt: skip
+
+
+def test_provenance_is_carried_over_and_names_say_what_the_file_is(tmp_path):
+    model = tiny_llama()
+    inputs = collect(model, byte_tokenizer())
+    inputs.extra.update(
+        gguf_type="f16", float_type="f32", source_general=SOURCE, run_name="my_run", parameters=135e6
+    )
+    gguf_format.write(inputs, tmp_path / "run.gguf")
+    meta = gguf_format.metadata(tmp_path / "run.gguf")
+    assert meta["general.license"] == "apache-2.0" and meta["general.languages"] == ["en"]
+    assert meta["general.name"] == "smollm2 135M my_run" and meta["general.finetune"] == "my_run"
+    assert (
+        meta["general.base_model.count"] == 1 and meta["general.base_model.0.name"] == SOURCE["general.name"]
+    )
+    assert meta["general.base_model.0.organization"] == "HuggingFaceTB"
+    assert meta["general.file_type"] == 0  # ALL_F32: the tensors are f32, not f16
+    inputs.extra.update(run_name=None, float_type="bf16")
+    gguf_format.write(inputs, tmp_path / "model.gguf")  # the model as it is: its own names
+    meta = gguf_format.metadata(tmp_path / "model.gguf")
+    assert (
+        meta["general.name"] == SOURCE["general.name"]
+        and meta["general.finetune"] == SOURCE["general.finetune"]
+    )
+    assert "general.base_model.count" not in meta and meta["general.file_type"] == 32  # MOSTLY_BF16
+    inputs.extra.update(source_general={}, parameters=1.7e9)  # no source GGUF: named from the model
+    gguf_format.write(inputs, tmp_path / "plain.gguf")
+    meta = gguf_format.metadata(tmp_path / "plain.gguf")
+    assert meta["general.size_label"] == "1.7B" and "general.license" not in meta
 
 
 @pytest.mark.parametrize(

@@ -25,10 +25,25 @@ def qat_run(tmp_path_factory):
 def test_qat_run_exports_to_gguf_exactly_and_evaluates_the_same(qat_run, tmp_path, capsys):
     out = tmp_path / "model.gguf"
     assert (
-        main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(out), "--float-type", "f32"]) == 0
+        main(
+            [
+                "export",
+                str(qat_run),
+                "--format",
+                "gguf-q4_0",
+                "--out",
+                str(out),
+                "--float-type",
+                "f32",
+                "--embedding-type",
+                "f32",
+            ]
+        )
+        == 0
     )
     report = capsys.readouterr().out
-    assert "14 × Q4_0, 1 × f32, 5 × f32 (norms)" in report and "quantized weights vs trained: exact" in report
+    assert "14 × Q4_0, 1 × f32 (embeddings), 5 × f32 (norms)" in report
+    assert "quantized weights vs trained: exact" in report
     assert "float tensors max |Δ| 0 " in report  # f32 storage keeps the float tensors as trained
     assert out.is_file() and not list(tmp_path.glob(".*partial*"))
     # perplexity of the GGUF (dequantized by transformers' GGUF loader) == the trained fake-quant model
@@ -104,7 +119,8 @@ def test_export_section_runs_when_training_ends(tmp_path, capsys):
     from gguf import GGUFReader
 
     written = GGUFReader(str(run_dir / "export" / "gguf-q8_0.gguf"))
-    assert {t.tensor_type.name for t in written.tensors} == {"Q8_0", "F16", "F32"}
+    # the tied embeddings too are Q8_0 (llama-quantize's choice), the norms F32
+    assert {t.tensor_type.name for t in written.tensors} == {"Q8_0", "F32"}
 
 
 def test_unknown_export_format_in_a_recipe_fails_before_training(tmp_path, capsys):

@@ -132,6 +132,15 @@ def test_eval_cli_reports_the_trained_checkpoint(tiny_config, tmp_path):
     assert f"{result['eval']['val_ppl']:.3f}" in row.split()
     missing = run_cli("eval", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    # the float run evaluated with quant rules: a PTQ of that checkpoint, against its own float model
+    rules = 'quant={rules: [{match: "*", weight: {dtype: int2, granularity: group, group_size: 32}}]}'
+    done = run_cli("eval", cfg.run.output_dir, rules)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    float_row = next(line for line in lines if line.startswith("float (checkpoint-000006)"))
+    assert f"{result['eval']['val_ppl']:.3f}" in float_row.split()
+    assert any(line.startswith("PTQ of checkpoint-000006") for line in lines)
+    assert "QAT" not in done.stdout and "%" not in done.stdout  # no QAT row, no recovered share
 
 
 def test_instruction_data_and_pretrained_directory(tmp_path, tiny_config):
