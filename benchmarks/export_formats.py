@@ -78,9 +78,10 @@ def main() -> None:
             "max_delta_float": summary.max_delta_float, "seconds": time.perf_counter() - started,
         })  # fmt: skip
 
-    # Perplexity: the fake-quant model vs the exported GGUF read back by transformers (f32 floats).
+    # Perplexity: the fake-quant model vs the exported GGUF read back by transformers (f32 floats and
+    # f32 embeddings: the trained model exactly, not llama-quantize's Q8_0 embeddings).
     exact = out_dir / "gguf-q4_0-f32.gguf"
-    export(source, "gguf-q4_0", exact, ptq=True, float_type="f32", overwrite=True)
+    export(source, "gguf-q4_0", exact, ptq=True, float_type="f32", embedding_type="f32", overwrite=True)
     data = [f"data.max_val_examples={args.val_examples}", "log.progress=none"]
     fake_quant = eval_row(str(QUICKSTART), "quant.rules=[{match: '*', weight: gguf_q4_0}]", *data)
     exported = eval_row(str(QUICKSTART), f"model.path={exact}", *data)
