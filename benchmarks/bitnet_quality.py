@@ -57,12 +57,18 @@ def first_step_norms(run_dir: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    args, runs_dir, results = quality_setup(__doc__, "bitnet_quality")
+    def rows_option(parser) -> None:
+        parser.add_argument(
+            "--rows", default=None, help="run only these rows (0-based, comma-separated: 0,5)"
+        )
+
+    args, runs_dir, results = quality_setup(__doc__, "bitnet_quality", add_options=rows_option)
+    chosen = None if args.rows is None else {int(index) for index in args.rows.split(",")}
     common = [f"train.max_steps={args.steps}", "eval.every_steps=0", "eval.at_start=false", "export=null",
               "log.term_grad_norms_every=1"]  # fmt: skip
     with open(runs_dir / "runs.log", "a") as log:
         for index, (name, overrides) in enumerate(rows(args.steps).items()):
-            if name in results["rows"]:
+            if name in results["rows"] or (chosen is not None and index not in chosen):
                 continue
             run_dir = runs_dir / f"row{index}"
             extra = [*common, *overrides]

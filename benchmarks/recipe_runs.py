@@ -36,10 +36,15 @@ def run_recipe(recipe: str, run_dir: Path, overrides: list[str], log: IO[str]) -
     }
 
 
-def quality_setup(doc: str, name: str, default_steps: int = 15) -> tuple[argparse.Namespace, Path, dict]:
-    """The quality benchmarks' shared command line (--steps, --runs-dir, --out, --reuse): the
-    parsed arguments, the runs directory (created) and the results so far (kept with --reuse)."""
+def quality_setup(
+    doc: str, name: str, default_steps: int = 15, add_options=None
+) -> tuple[argparse.Namespace, Path, dict]:
+    """The quality benchmarks' shared command line (--steps, --runs-dir, --out, --reuse, and what
+    ``add_options(parser)`` adds): the parsed arguments, the runs directory (created) and the
+    results so far (kept with --reuse)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if add_options is not None:
+        add_options(parser)
     parser.add_argument("--steps", type=int, default=default_steps)
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / name))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))

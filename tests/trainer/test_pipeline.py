@@ -8,6 +8,7 @@ import pytest
 
 from lowbit.quant import FakeQuantLinear
 from lowbit.trainer import checkpoint as ckpt
+from lowbit.trainer.hooks import StepHook
 from lowbit.trainer.loop import Trainer
 from lowbit.trainer.preemption import Preempted
 from lowbit.trainer.transforms import TRANSFORMS, TransformResult, apply_transforms, register_transform
@@ -42,7 +43,9 @@ def test_transforms_run_in_their_registered_order_on_the_unwrapped_model(tiny_co
         del TRANSFORMS["test_before_quant"], TRANSFORMS["test_after_quant"]
     assert seen == [("before", False), ("after", True)]
     assert [t.name for t in sorted(TRANSFORMS.values(), key=lambda t: t.order)] == [
+        "subln",
         "quant",
+        "init_from",
         "lora",
         "compile",
     ]
@@ -104,10 +107,7 @@ def test_preempted_is_raised_by_fit_for_callers_in_python(tiny_config):
 
     trainer = Trainer(tiny_config("train.max_steps=6", "train.warmup_steps=0", "eval.every_steps=0"))
 
-    class Usr1AtTwo:
-        def on_train_start(self, trainer): ...
-        def on_step_start(self, trainer, step): ...
-        def on_train_end(self, trainer): ...
+    class Usr1AtTwo(StepHook):
         def on_step_end(self, trainer, step, metrics):
             if step == 2:
                 os.kill(os.getpid(), signal.SIGUSR1)
