@@ -82,7 +82,7 @@ def main() -> None:
     # f32 embeddings: the trained model exactly, not llama-quantize's Q8_0 embeddings).
     exact = out_dir / "gguf-q4_0-f32.gguf"
     export(source, "gguf-q4_0", exact, ptq=True, float_type="f32", embedding_type="f32", overwrite=True)
-    data = [f"data.max_val_examples={args.val_examples}", "log.progress=none"]
+    data = [f"data.max_val_examples={args.val_examples}", "log.progress=none", "export=null"]
     fake_quant = eval_row(str(QUICKSTART), "quant.rules=[{match: '*', weight: gguf_q4_0}]", *data)
     exported = eval_row(str(QUICKSTART), f"model.path={exact}", *data)
 
