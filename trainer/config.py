@@ -486,8 +486,7 @@ def _validate_term_gradients(cfg: RunConfig, fail) -> None:
     if cfg.strategy.name in ("fsdp2", "deepspeed"):
         fail(
             f"{what} takes gradients of the parameters as the model holds them, and {cfg.strategy.name} holds "
-            "shards that the forward does not use directly: measure with strategy.name single or ddp (the "
-            "weights it finds carry over: loss_balance keeps them in the run dir)"
+            "shards that the forward does not use directly: use strategy.name single or ddp, or drop it"
         )
     if balance is None:
         return
@@ -503,10 +502,13 @@ def _validate_term_gradients(cfg: RunConfig, fail) -> None:
             fail(f"loss_balance.ratios: {name!r} is not a loss term; the terms are {', '.join(names)}")
         if ratio <= 0:
             fail(f"loss_balance.ratios.{name} must be positive, got {ratio}")
-    if not 1 <= balance.calibration_steps < cfg.train.max_steps:
+    quant = cfg.quant
+    start = quant.enable_after_steps + quant.warmup.steps if quant is not None and quant.warmup.steps else 0
+    if balance.calibration_steps < 1 or start + balance.calibration_steps >= cfg.train.max_steps:
+        after = f" after the quantization warm-up (step {start})" if start else ""
         fail(
-            f"loss_balance.calibration_steps must be from 1 to below train.max_steps ({cfg.train.max_steps}), "
-            f"got {balance.calibration_steps}"
+            f"loss_balance.calibration_steps ({balance.calibration_steps}){after} must be at least 1 and end before "
+            f"train.max_steps ({cfg.train.max_steps})"
         )
 
 

@@ -78,14 +78,25 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
         built = build_model_and_data(cfg, strategy, with_teacher=False)
         if built.val is None:
             raise UserError("no validation data: set data.val_files or a data.val_fraction above 0")
-        apply_transforms(built.model, cfg, announce=False)
+        # A later stage's checkpoint holds all its weights: the earlier stage (model.init_from) is only
+        # needed for the start-of-run baselines, or for a LoRA run's frozen base.
+        init_from = cfg.model.init_from
+        earlier_gone = (
+            checkpoint is not None and init_from is not None and not Path(init_from).expanduser().exists()
+        )
+        if earlier_gone and cfg.lora is not None:
+            raise UserError(
+                f"model.init_from {init_from} does not exist, and this LoRA run's frozen base comes from it: "
+                "restore that run directory to evaluate this one"
+            )
+        apply_transforms(built.model, cfg, announce=False, skip=("init_from",) if earlier_gone else ())
         model = strategy.wrap(built.model)
         batch_size = cfg.eval.batch_size or cfg.train.micro_batch_size
 
         def measure(name: str) -> dict[str, Any]:
             return {"name": name, **evaluate(model, built.val, batch_size, strategy, cfg.train.precision)}
 
-        start = cfg.model.path or "random init"
+        start = init_from or cfg.model.path or "random init"
         if (
             checkpoint is not None
             and cfg.quant is not None
@@ -99,7 +110,8 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
             with quantizers_enabled(model, True):
                 rows.append(measure(f"PTQ of {checkpoint.name} (round-to-nearest)"))
             return rows if strategy.is_main else []
-        if cfg.quant is not None:
+        baselines = cfg.quant is not None and not earlier_gone  # (the start of the run is gone)
+        if baselines:
             with quantizers_enabled(model, False):
                 rows.append(measure(f"float ({start})"))
             with quantizers_enabled(model, True):
@@ -108,7 +120,7 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
             ckpt.load_weights(checkpoint, strategy.unwrap(model))
             with quantizers_enabled(model, True):
                 rows.append(measure(f"{'QAT' if cfg.quant else 'trained'} ({checkpoint.name})"))
-            if cfg.quant is not None:
+            if baselines:
                 baselines = {"val_ppl_float": rows[0]["val_ppl"], "val_ppl_ptq": rows[1]["val_ppl"]}
                 share = recovered(rows[-1]["val_ppl"], baselines)
                 if share is not None:

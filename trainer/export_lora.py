@@ -157,6 +157,13 @@ def export_peft(source: Path, out: Path, overrides: list[str], ptq) -> ExportSum
         raise UserError("--ptq quantizes a whole model; --format peft writes float adapters: drop --ptq")
     loaded = load_source(source, overrides, merge=False)
     cfg = check_lora_run(loaded.cfg, source)
+    if cfg.model.subln or cfg.model.init_from is not None:
+        what = "SubLN norms" if cfg.model.subln else f"the weights of {cfg.model.init_from}"
+        instead = "--format bitnet or a gguf-* format" if cfg.model.subln else "--format merged"
+        raise UserError(
+            f"{source} trained its adapters on a base with {what}, which {cfg.model.path} (the base a peft "
+            f"adapter names) does not have: export the merged model instead, {instead}"
+        )
     if loaded.initial_adapters is not None and cfg.lora.base != "float":
         kind = "LoftQ" if cfg.lora.init.startswith("loftq") else "QPiSSA"
         raise UserError(

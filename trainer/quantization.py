@@ -158,9 +158,11 @@ def recovered(ppl: float, baselines: dict[str, float]) -> float | None:
 
 
 def _baseline_key(trainer: Trainer) -> str:
-    """What the baselines depend on: starting model, quant rules, validation data."""
+    """What the baselines depend on: starting model (with its SubLN, or a previous stage's weights),
+    quant rules, validation data."""
     cfg = trainer.cfg
-    return json.dumps([str(cfg.model.path), cfg.model.config, cfg.quant.rules if cfg.quant else None,  # fmt: skip
+    return json.dumps([str(cfg.model.path), cfg.model.config, cfg.model.subln, cfg.model.init_from,
+                       cfg.quant.rules if cfg.quant else None,  # fmt: skip
                        list(cfg.data.val_files), cfg.data.val_fraction, cfg.data.seq_len, cfg.train.seed],
                       sort_keys=True, default=str)  # fmt: skip
 

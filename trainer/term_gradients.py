@@ -10,8 +10,9 @@ weights that balanced the gradients did better on a quarter of the tokens. So:
   gradients are summed before the norm, as the engine sums them; the value is rescaled by that
   micro-batch's share of the step's tokens, so with one micro-batch per step it is the term's
   part of the step's gradient exactly).
-* ``loss_balance`` measures the *unweighted* norms gᵢ over the first ``calibration_steps`` steps
-  (averaged), then sets wᵢ = ratioᵢ · w_ref · g_ref / gᵢ once, keeping the reference term's
+* ``loss_balance`` measures the *unweighted* norms gᵢ over ``calibration_steps`` steps (averaged;
+  the first ones, or the first after a quantization warm-up has reached λ = 1, so the weights fit
+  the model that trains), then sets wᵢ = ratioᵢ · w_ref · g_ref / gᵢ once, keeping the reference term's
   weight. The measurements and the weights are kept in the run dir (``loss_weights.json``), so a
   resumed run uses the same weights and a run stopped mid-calibration resumes it exactly.
 
@@ -50,10 +51,13 @@ def term_gradient_norms(
     that follows. Memory: one set of gradients at a time (what ``autograd.grad`` returns)."""
     norms: dict[str, float] = {}
     for name, loss in graphs.items():
-        if not loss.requires_grad:  # a term that reads no trained parameter
-            norms[name] = 0.0
-            continue
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        # No graph on this rank (a term that reads no trained parameter, or a micro-batch without
+        # counted tokens): zero gradients, still summed with the other ranks' so collectives pair up.
+        grads = (
+            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            if loss.requires_grad
+            else [None] * len(params)
+        )
         squares = torch.zeros((), dtype=torch.float64)
         for grad, param in zip(grads, params):
             if all_reduce_sum is not None:  # every rank takes part for every parameter, used or not
@@ -73,13 +77,26 @@ class TermGradients(StepHook):
         self.norms: dict[str, float] = {}
         self.calibration: dict[int, dict[str, float]] = {}
         self.weights_set = False
+        # Calibrate on the model as it will train: after a quantization warm-up has reached λ = 1.
+        quant = cfg.quant
+        self.start = (
+            quant.enable_after_steps + quant.warmup.steps if quant is not None and quant.warmup.steps else 0
+        )
 
     # -- when to measure -----------------------------------------------------------------------------
 
     def _calibrating(self, step: int) -> bool:
-        return self.balance is not None and not self.weights_set and step < self.balance.calibration_steps
+        if self.balance is None or self.weights_set:
+            return False
+        return self.start <= step < self.start + self.balance.calibration_steps
 
     def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.strategy.engine not in ("single", "ddp"):  # `auto` may resolve to a sharding engine
+            raise UserError(
+                f"log.term_grad_norms_every / loss_balance take gradients of the parameters the forward uses, and "
+                f"the {trainer.strategy.engine} engine computes with gathered copies of sharded ones: launch with "
+                "strategy.name=single or ddp, or drop them"
+            )
         if self.balance is None:
             return
         objective = trainer.parts.objective
@@ -93,13 +110,14 @@ class TermGradients(StepHook):
             stored = json.loads(path.read_text())
             if stored.get("key") == self._key(trainer):
                 self.calibration = {int(s): n for s, n in stored["measured"].items() if int(s) < trainer.step}
-                if stored.get("weights") and trainer.step >= self.balance.calibration_steps:
+                if stored.get("weights") and trainer.step >= self.start + self.balance.calibration_steps:
                     self._set_weights(trainer, stored["weights"])
-        if trainer.step >= self.balance.calibration_steps and not self.weights_set:
+        if trainer.step >= self.start + self.balance.calibration_steps and not self.weights_set:
             raise UserError(
                 f"loss_balance: this run resumes at step {trainer.step}, after its calibration, but {path} with the "
-                "weights it set is missing or belongs to other loss settings; restore that file, or drop "
-                "loss_balance and give the weights it logged explicitly in `loss`"
+                "weights it set is missing or belongs to other loss settings; restore that file, or resume with "
+                "checkpoint.allow_config_change=true, loss_balance=null and those weights set in `loss` "
+                "(they are in the run's log: 'loss_balance: weights ...')"
             )
 
     def on_step_start(self, trainer: Trainer, step: int) -> None:
@@ -136,7 +154,7 @@ class TermGradients(StepHook):
         if self._calibrating(step):
             self.calibration[step] = dict(self.norms)
             weights = None
-            if step + 1 >= self.balance.calibration_steps:
+            if step + 1 >= self.start + self.balance.calibration_steps:
                 weights = self._balanced_weights(trainer)
             self._save(trainer, weights)
             if weights is not None:

@@ -75,9 +75,11 @@ def quant_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
 
     assert cfg.quant is not None
     report = apply_quantization(model, cfg.quant)
-    # Learned scales take no part in the forward while the schedule keeps fake quant off.
+    # Learned scales take no part in the forward while the schedule keeps fake quant off, or while
+    # a warm-up's λ = 0 returns the float input.
     learned = any(q.scale is not None for q in quantizers(model))
-    return TransformResult(report, [QuantSchedule(cfg.quant)], learned and cfg.quant.enable_after_steps > 0)
+    idle = cfg.quant.enable_after_steps > 0 or cfg.quant.warmup.steps > 0
+    return TransformResult(report, [QuantSchedule(cfg.quant)], learned and idle)
 
 
 @register_transform("init_from", order=30, enabled=lambda cfg: cfg.model.init_from is not None)

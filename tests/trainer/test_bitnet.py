@@ -17,7 +17,7 @@ from lowbit.trainer.errors import UserError
 from lowbit.trainer.loop import Trainer
 from lowbit.trainer.quantization import quantizers_enabled, warmup_lambda
 from lowbit.trainer.subln import apply_subln
-from lowbit.trainer.term_gradients import WEIGHTS_FILE
+from lowbit.trainer.term_gradients import WEIGHTS_FILE, term_gradient_norms
 from tests.conftest import TINY, run_cli, tiny_overrides
 
 BITNET_RULES = 'quant={rules: [{match: "*", weight: bitnet, activation: bitnet}], baselines: false}'
@@ -171,8 +171,7 @@ def test_loss_balance_sets_weights_from_the_measured_norms_and_a_resume_keeps_th
     assert weights == [1.0, pytest.approx(0.5 * mean["ce"] / mean["kd_kl"], rel=1e-12)]
     assert stored["weights"] == {"ce": 1.0, "kd_kl": weights[1]}
     lines = [line for line in metric_lines(tmp_path / "whole") if "loss" in line]
-    # after calibration the KD term pulls half as hard as the CE term (measured at step 3, not calibrated on)
-    assert "grad_norm/kd_kl" not in lines[2]
+    assert "grad_norm/kd_kl" in lines[1] and "grad_norm/kd_kl" not in lines[2]  # measured only to calibrate
     # resume from the step-2 checkpoint: the weights come from the run dir, the losses repeat exactly
     checkpoint = tmp_path / "whole" / "checkpoints" / "checkpoint-000002"
     resumed_dir = tmp_path / "resumed"
@@ -189,11 +188,37 @@ def test_loss_balance_sets_weights_from_the_measured_norms_and_a_resume_keeps_th
     assert resumed["train"]["loss"] == result["train"]["loss"]
 
 
+def test_loss_balance_calibrates_after_the_quantization_warm_up(tiny_config):
+    cfg = tiny_config(*KD, BITNET_RULES, "quant.warmup.steps=2", "loss_balance={reference: ce}",
+                      "train.max_steps=4", *SHORT)  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.fit()
+    trainer.close()
+    stored = json.loads((trainer.run_dir / WEIGHTS_FILE).read_text())
+    assert list(stored["measured"]) == ["2"]  # the first step at λ = 1, not the float model of step 0
+
+
+def test_every_rank_sums_every_terms_gradients_even_without_a_graph():
+    """A rank whose micro-batch has no counted token has no graph for a KD term: it must still take
+    part in the same all-reduces as the others, or the collectives pair up wrongly."""
+    params = [nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2, 2))]
+    calls = []
+
+    def recording_sum(tensor):
+        calls.append(tuple(tensor.shape))
+        return tensor
+
+    graphs = {"ce": (params[0].sum() * 2 + params[1].sum()), "kd_kl": torch.zeros(())}
+    norms = term_gradient_norms(graphs, params, recording_sum)
+    assert calls == [(3,), (2, 2), (3,), (2, 2)]
+    assert norms["kd_kl"] == 0.0 and norms["ce"] == pytest.approx(math.sqrt(3 * 4 + 4))
+
+
 def test_loss_balance_refuses_what_it_cannot_measure(tmp_path):
     cases = [
         ("loss_balance={reference: kd}", "loss_balance.reference 'kd' is not a loss term"),
         ("train.fused_head_chunk=64", "set train.fused_head_chunk: 0"),
-        ("strategy.name=fsdp2", "measure with strategy.name single or ddp"),
+        ("strategy.name=fsdp2", "use strategy.name single or ddp"),
     ]
     for index, (override, message) in enumerate(cases):
         extra = (
@@ -229,6 +254,9 @@ def test_init_from_starts_a_stage_from_the_previous_runs_weights(tiny_config, tm
 
     shutil.rmtree(tmp_path / "a")
     assert export(tmp_path / "b", "bitnet", tmp_path / "hf").max_delta_quantized == 0
+    evaluated = run_cli("eval", str(tmp_path / "b"))  # without stage 1: no start-of-run baselines
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "QAT (checkpoint-000001)" in evaluated.stdout and "PTQ" not in evaluated.stdout
 
 
 def test_lora_on_a_ternary_subln_base_trains_adapters_and_norms_and_leaves_the_base(tiny_config):
@@ -244,6 +272,10 @@ def test_lora_on_a_ternary_subln_base_trains_adapters_and_norms_and_leaves_the_b
     assert not any(name.endswith("base_layer.weight") for name in changed)  # the ternary base is frozen
     layer = model.model.layers[0].self_attn.q_proj
     assert type(layer.base_layer).__name__ == "BitLinear"  # peft wraps the BitLinear
+    result = run_cli(
+        "export", str(trainer.run_dir), "--format", "peft", "--out", str(trainer.run_dir / "adapter")
+    )
+    assert result.returncode == 2 and "SubLN norms" in result.stderr and "--format bitnet" in result.stderr
 
 
 # -- exports ------------------------------------------------------------------------------------------

@@ -63,6 +63,11 @@ def test_a_transform_adds_its_hooks_and_a_disabled_one_does_nothing(tiny_config)
     plain = load_model(cfg.model, None, seed=0, vocab_needed=262)
     assert apply_transforms(plain, tiny_config(), announce=False).hooks == []
     assert not any(isinstance(m, FakeQuantLinear) for m in plain.modules())
+    # learned scales get no gradient while a warm-up's λ = 0 returns the float input: DDP must know
+    lsq = 'quant={rules: [{match: "*", weight: {dtype: int4, granularity: group, group_size: 32, learn_scale: true}}]}'
+    for warmup, unused in (("quant.warmup.steps=0", False), ("quant.warmup.steps=2", True)):
+        model = load_model(cfg.model, None, seed=0, vocab_needed=262)
+        assert apply_transforms(model, tiny_config(lsq, warmup), announce=False).unused_parameters is unused
 
 
 def test_compiled_layers_train_as_the_eager_model_does(tiny_config, tmp_path):
