@@ -10,6 +10,7 @@ seed per row; each row starts from the float model. Rows add one piece at a time
   + logit KD               + 10 · KL(teacher ‖ student) at T = 5 from the float model
   + relation KD            + 1e5 · Q/K/V relation KL on layer 28 (BitDistill's weights)
   + relation KD, balanced  the same terms, weights set by loss_balance (every term's gradient = CE's)
+                           from step 1's gradients, or (after_warmup) from the first step at λ = 1
 
 The float model's perplexity and ternary round-to-nearest (PTQ) are the baselines every QAT run
 measures at its start. Each row also reports the per-term gradient norms of its first step.
@@ -46,7 +47,15 @@ def rows(steps: int) -> dict[str, list[str]]:
             f"loss=[{{kind: ce}}, {KD}, {RELATION}]",
             "loss_balance={reference: ce, ratios: {kd_kl: 1.0, attn_relation: 1.0}, calibration_steps: 1}",
             "log.term_grad_norms_every=1",
-        ],  # fmt: skip
+        ],
+        "+ relation KD, loss_balance after the warm-up": [
+            warmup,
+            TEACHER,
+            f"loss=[{{kind: ce}}, {KD}, {RELATION}]",
+            "loss_balance={reference: ce, ratios: {kd_kl: 1.0, attn_relation: 1.0}, calibration_steps: 1, "
+            "after_warmup: true}",
+            "log.term_grad_norms_every=1",
+        ],
     }
 
 

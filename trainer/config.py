@@ -359,6 +359,9 @@ class LossBalanceConfig:
     """Target ‖∇ term‖ / ‖∇ reference‖ per term name (default 1 for every term not listed)."""
     calibration_steps: int = 1
     """Steps whose gradient norms (first micro-batch of each) are averaged before the weights are set."""
+    after_warmup: bool = False
+    """Calibrate on the first steps after a quantization warm-up has reached λ = 1 (the model that
+    trains) instead of the first steps of the run; the configured weights apply until then."""
 
 
 @dataclass
@@ -503,7 +506,8 @@ def _validate_term_gradients(cfg: RunConfig, fail) -> None:
         if ratio <= 0:
             fail(f"loss_balance.ratios.{name} must be positive, got {ratio}")
     quant = cfg.quant
-    start = quant.enable_after_steps + quant.warmup.steps if quant is not None and quant.warmup.steps else 0
+    warmed = quant is not None and quant.warmup.steps and balance.after_warmup
+    start = quant.enable_after_steps + quant.warmup.steps if warmed else 0
     if balance.calibration_steps < 1 or start + balance.calibration_steps >= cfg.train.max_steps:
         after = f" after the quantization warm-up (step {start})" if start else ""
         fail(

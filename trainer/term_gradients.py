@@ -11,8 +11,8 @@ weights that balanced the gradients did better on a quarter of the tokens. So:
   micro-batch's share of the step's tokens, so with one micro-batch per step it is the term's
   part of the step's gradient exactly).
 * ``loss_balance`` measures the *unweighted* norms gᵢ over ``calibration_steps`` steps (averaged;
-  the first ones, or the first after a quantization warm-up has reached λ = 1, so the weights fit
-  the model that trains), then sets wᵢ = ratioᵢ · w_ref · g_ref / gᵢ once, keeping the reference term's
+  the first ones, or with ``after_warmup`` the first after a quantization warm-up has reached λ = 1),
+  then sets wᵢ = ratioᵢ · w_ref · g_ref / gᵢ once, keeping the reference term's
   weight. The measurements and the weights are kept in the run dir (``loss_weights.json``), so a
   resumed run uses the same weights and a run stopped mid-calibration resumes it exactly.
 
@@ -77,11 +77,10 @@ class TermGradients(StepHook):
         self.norms: dict[str, float] = {}
         self.calibration: dict[int, dict[str, float]] = {}
         self.weights_set = False
-        # Calibrate on the model as it will train: after a quantization warm-up has reached λ = 1.
-        quant = cfg.quant
-        self.start = (
-            quant.enable_after_steps + quant.warmup.steps if quant is not None and quant.warmup.steps else 0
-        )
+        # The first step measured: 0, or with ``after_warmup`` the first at λ = 1 of a quantization warm-up.
+        quant, balance = cfg.quant, cfg.loss_balance
+        warmed = quant is not None and quant.warmup.steps and balance is not None and balance.after_warmup
+        self.start = quant.enable_after_steps + quant.warmup.steps if warmed else 0
 
     # -- when to measure -----------------------------------------------------------------------------
 

@@ -188,14 +188,17 @@ def test_loss_balance_sets_weights_from_the_measured_norms_and_a_resume_keeps_th
     assert resumed["train"]["loss"] == result["train"]["loss"]
 
 
-def test_loss_balance_calibrates_after_the_quantization_warm_up(tiny_config):
-    cfg = tiny_config(*KD, BITNET_RULES, "quant.warmup.steps=2", "loss_balance={reference: ce}",
-                      "train.max_steps=4", *SHORT)  # fmt: skip
+@pytest.mark.parametrize(("after_warmup", "measured"), [(False, "0"), (True, "2")])
+def test_loss_balance_calibrates_at_the_start_or_after_the_quantization_warm_up(
+    tiny_config, after_warmup, measured
+):
+    cfg = tiny_config(*KD, BITNET_RULES, "quant.warmup.steps=2", "train.max_steps=4", *SHORT,
+                      f"loss_balance={{reference: ce, after_warmup: {str(after_warmup).lower()}}}")  # fmt: skip
     trainer = Trainer(cfg)
     trainer.fit()
     trainer.close()
     stored = json.loads((trainer.run_dir / WEIGHTS_FILE).read_text())
-    assert list(stored["measured"]) == ["2"]  # the first step at λ = 1, not the float model of step 0
+    assert list(stored["measured"]) == [measured]  # step 2: the first at λ = 1
 
 
 def test_every_rank_sums_every_terms_gradients_even_without_a_graph():
