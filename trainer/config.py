@@ -473,6 +473,14 @@ def _validate_quant(cfg: RunConfig, fail) -> None:
         fail("quant.warmup ramps neither weights nor activations: set one of them true, or steps: 0")
 
 
+def calibration_start(cfg: RunConfig) -> int:
+    """The first step ``loss_balance`` measures: 0, or with ``after_warmup`` the first step at λ = 1
+    of a quantization warm-up."""
+    quant, balance = cfg.quant, cfg.loss_balance
+    warmed = quant is not None and quant.warmup.steps and balance is not None and balance.after_warmup
+    return quant.enable_after_steps + quant.warmup.steps if warmed else 0
+
+
 def _validate_term_gradients(cfg: RunConfig, fail) -> None:
     """Per-term gradient norms (logging, loss balance) need each term's own graph on whole parameters."""
     balance = cfg.loss_balance
@@ -505,9 +513,7 @@ def _validate_term_gradients(cfg: RunConfig, fail) -> None:
             fail(f"loss_balance.ratios: {name!r} is not a loss term; the terms are {', '.join(names)}")
         if ratio <= 0:
             fail(f"loss_balance.ratios.{name} must be positive, got {ratio}")
-    quant = cfg.quant
-    warmed = quant is not None and quant.warmup.steps and balance.after_warmup
-    start = quant.enable_after_steps + quant.warmup.steps if warmed else 0
+    start = calibration_start(cfg)
     if balance.calibration_steps < 1 or start + balance.calibration_steps >= cfg.train.max_steps:
         after = f" after the quantization warm-up (step {start})" if start else ""
         fail(

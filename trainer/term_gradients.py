@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.losses import count_target_tokens
-from lowbit.trainer.config import RunConfig
+from lowbit.trainer.config import RunConfig, calibration_start
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.hooks import StepHook
 
@@ -77,10 +77,7 @@ class TermGradients(StepHook):
         self.norms: dict[str, float] = {}
         self.calibration: dict[int, dict[str, float]] = {}
         self.weights_set = False
-        # The first step measured: 0, or with ``after_warmup`` the first at λ = 1 of a quantization warm-up.
-        quant, balance = cfg.quant, cfg.loss_balance
-        warmed = quant is not None and quant.warmup.steps and balance is not None and balance.after_warmup
-        self.start = quant.enable_after_steps + quant.warmup.steps if warmed else 0
+        self.start = calibration_start(cfg)
 
     # -- when to measure -----------------------------------------------------------------------------
 

@@ -97,9 +97,8 @@ def init_from_transform(model: nn.Module, cfg: RunConfig) -> TransformResult:
         raise UserError(
             f"model.init_from {source}: give a run directory or a checkpoint directory, not a file"
         )
-    if any(
-        param.is_meta for param in model.parameters()
-    ):  # fsdp2 rank-0 load: rank 0's weights arrive at wrap
+    on_meta = any(param.is_meta for param in model.parameters())
+    if on_meta:  # fsdp2's rank-0 load: the other ranks receive rank 0's weights when the engine wraps
         return TransformResult(f"weights from {checkpoint}, loaded on rank 0")
     try:
         ckpt.load_weights(checkpoint, model)
