@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Tokenized data of this session's test files, not the user's cache (subprocesses inherit it).
+os.environ.setdefault("LOWBIT_DATA_CACHE", tempfile.mkdtemp(prefix="lowbit-test-data-"))
 # The environment's own tools first (as in an activated venv): DeepSpeed JIT-builds its C++ ops
 # with whichever `ninja` PATH finds, and two ninjas (the venv's, the system's) record different
 # command hashes, so alternating them rebuilds every op (~45 s each). setup_env.sh prebuilds the

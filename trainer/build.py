@@ -18,8 +18,8 @@ from torch import nn
 
 from lowbit.losses import ModelShapes, Objective, build_objective
 from lowbit.losses.kd_terms import TopKTerm
-from lowbit.trainer.config import RunConfig
-from lowbit.trainer.data import Examples, StepBatches, load_splits
+from lowbit.trainer.config import RunConfig, resolve_epochs
+from lowbit.trainer.data import Examples, Mixture, RowSet, StepBatches, StreamBatches, TrainData, load_data
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.hooks import StepHook, build_hooks
 from lowbit.trainer.lora import frozen_fingerprint
@@ -64,8 +64,7 @@ def seed_everything(seed: int) -> None:
 class ModelAndData:
     tokenizer: object
     model: nn.Module
-    train: Examples
-    val: Examples | None
+    data: TrainData
     teacher: Teacher | None = None
     teacher_cache: TeacherCache | None = None
 
@@ -109,13 +108,39 @@ def build_model_and_data(
             strategy.place_frozen(teacher.model)
         else:
             teacher = None
-    train, val = load_splits(cfg.data, tokenizer, cfg.train.seed)
+    check_positions(cfg, model)
+    data = load_data(cfg.data, tokenizer, cfg.train.seed, show=strategy.is_main)
     cache = None
     if cached and with_teacher:
-        assert cfg.teacher is not None and cfg.teacher.cache is not None
+        assert cfg.teacher is not None and cfg.teacher.cache is not None and data.rows is not None
         k, temperature = topk_settings(cfg)
-        cache = load_cache(Path(cfg.teacher.cache), fingerprint(train, tokenizer, k, temperature))
-    return ModelAndData(tokenizer, model, train, val, teacher, cache)
+        cache = load_cache(Path(cfg.teacher.cache), fingerprint(data.rows, tokenizer, k, temperature))
+    return ModelAndData(tokenizer, model, data, teacher, cache)
+
+
+def data_counts(data: TrainData) -> dict[str, int] | None:
+    """Totals over the training stores (cached data; None for a stream, which counts as it reads)."""
+    if data.rows is None:
+        return None
+    parts = data.rows.parts if isinstance(data.rows, Mixture) else [data.rows]
+    stores = {store.directory: store for part in parts for store in part.stores}.values()
+    totals: dict[str, int] = {}
+    for store in stores:
+        meta = store.meta
+        counts = {**meta["counts"], "tokens": meta["tokens"], "padding_tokens": meta["padding_tokens"]}
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0) + int(value)
+    return totals
+
+
+def check_positions(cfg: RunConfig, model: nn.Module) -> None:
+    """``data.seq_len`` must fit the model's positions (beyond them RoPE extrapolates untrained)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise UserError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the model's max_position_embeddings ({limit}): "
+            f"set data.seq_len to at most {limit}"
+        )
 
 
 def check_teacher_inputs(objective: Objective, built: ModelAndData) -> None:
@@ -153,13 +178,17 @@ class Components:
     model: nn.Module  # wrapped by the strategy
     objective: Objective
     loss_step: LossStep
-    train_batches: StepBatches
-    val: Examples | None
+    train_batches: StepBatches | StreamBatches
+    val: RowSet | Examples | None
     hooks: list[StepHook]
     teacher: Teacher | None = None
     teacher_cache: TeacherCache | None = None
     frozen_base: str | None = None
     """Fingerprint of the student's frozen parameters (a LoRA base), None when all of it trains."""
+    data_shares: dict[str, float] | None = None
+    """Each training source's share of the rows (one source: 1.0)."""
+    data_counts: dict[str, int] | None = None
+    """What the cached training data holds: documents, examples, truncated, dropped, tokens, padding."""
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -201,23 +230,21 @@ def build_components(cfg: RunConfig, strategy: Strategy) -> Components:
         objective.configure(model_shapes(built.model, built.teacher))
     except ValueError as error:
         raise UserError(f"loss: {error}") from None
+    batches = built.data.batches(
+        cfg.train.micro_batch_size, cfg.train.grad_accum_steps, strategy.world_size, strategy.rank,
+        cfg.train.seed,
+    )  # fmt: skip
+    if built.data.rows is not None:  # the schedule is built with the optimizer: steps first
+        resolve_epochs(cfg, len(built.data.rows), batches.global_batch_size)
     model = strategy.prepare(built.model, objective, unused_parameters=transformed.unused_parameters)
     loss_step = LossStep(
         objective, built.teacher, built.teacher_cache, strategy.unwrap, strategy.device,
         cfg.train.precision, cfg.train.fused_head_chunk, strategy.gathers_in_module_forward,
         strategy.max_over_ranks if strategy.collective_head_calls else None,
     )  # fmt: skip
-    batches = StepBatches(
-        built.train,
-        cfg.train.micro_batch_size,
-        cfg.train.grad_accum_steps,
-        strategy.world_size,
-        strategy.rank,
-        cfg.train.seed,
-    )
     # Different ranks draw different dropout masks; model init above used the shared seed.
     seed_everything(cfg.train.seed + strategy.rank)
     return Components(
-        strategy, built.tokenizer, model, objective, loss_step, batches, built.val, hooks,
-        built.teacher, built.teacher_cache, frozen_base,
+        strategy, built.tokenizer, model, objective, loss_step, batches, built.data.val, hooks,
+        built.teacher, built.teacher_cache, frozen_base, built.data.shares, data_counts(built.data),
     )  # fmt: skip

@@ -18,7 +18,6 @@ happens once per start, on rank 0, which tells the other ranks what it chose.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from lowbit.trainer.errors import UserError
+from lowbit.trainer.hashing import file_sha256
 
 if TYPE_CHECKING:
     from lowbit.trainer.strategies import Strategy
@@ -58,18 +58,12 @@ class TrainerState:
     """How its weights are stored: safetensors | dcp | deepspeed."""
     frozen_base: str | None = None
     """sha256 of the frozen parameters the checkpoint leaves out (a LoRA run's base), else None."""
+    data_state: dict[str, Any] | None = None
+    """A stream's position (``data.streaming``): where each source continues; None for cached data."""
 
 
 def checkpoints_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,7 +121,7 @@ def file_digests(staging: Path, files: list[Path]) -> dict[str, dict[str, Any]]:
     for path in files:
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
-        digests[str(path.relative_to(staging))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        digests[str(path.relative_to(staging))] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return digests
 
 
@@ -209,7 +203,7 @@ def verify(checkpoint: Path) -> str | None:
             return (
                 f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
             )
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its checksum (corrupt)"
     return None
 

@@ -7,14 +7,16 @@ command line) and the key, keeping OmegaConf's "Did you mean" suggestion.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import importlib.util
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional  # Optional, not `X | None`: OmegaConf 2.3 reads only the former
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lowbit.trainer.errors import UserError
@@ -70,8 +72,12 @@ class TeacherConfig(ModelSource):
 class DataConfig:
     """Training and validation data."""
 
-    train_files: list[str] = MISSING
+    train_files: list[str] = field(default_factory=list)
     """Files or globs: .txt, .jsonl, .json, .parquet, or a `datasets.save_to_disk` directory."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """A mixture instead of train_files: ``[{files: [...], weight: 1.0, format: auto, name: ...}, ...]``.
+    Each epoch holds every source's weighted share of all rows (cached), or each row picks its source
+    with those probabilities (streaming); deterministic per seed."""
     val_files: list[str] = field(default_factory=list)
     """Validation files; when empty, ``val_fraction`` of the training examples is held out."""
     val_fraction: float = 0.05
@@ -87,7 +93,20 @@ class DataConfig:
     response_field: str = "response"
     messages_field: str = "messages"
     truncation: str = "error"
-    """An instruction example longer than seq_len: error | truncate | drop."""
+    """An instruction/chat example longer than seq_len: error | truncate | drop (counts are reported)."""
+    train_on: str = "all_assistant"
+    """Chat targets: all_assistant (every assistant turn) | last_assistant | all (every token).
+    Instruction data: the response, or with ``all`` the prompt too."""
+    packing: bool = False
+    """Pack several instruction/chat examples per row (position ids restart per example; no token
+    attends across examples). Text is always packed."""
+    streaming: bool = False
+    """Tokenize while training instead of caching first: for corpora larger than the disk cache or
+    RAM. Reads files in order; the position is checkpointed and resumes at the exact token."""
+    cache_dir: Optional[str] = None
+    """Where tokenized data is kept (default ``$LOWBIT_CACHE/data``, ``~/.cache/lowbit/data``)."""
+    encoding: str = "utf-8"
+    """Encoding of .txt files (JSON data is UTF-8)."""
     max_documents: Optional[int] = None
     """Use only the first N documents of the training files (quick experiments)."""
 
@@ -96,8 +115,11 @@ class DataConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    max_steps: int = 100
-    """Optimizer steps."""
+    max_steps: Optional[int] = 100
+    """Optimizer steps. Set it to null to train by ``epochs``."""
+    epochs: Optional[float] = None
+    """Passes over the training rows, instead of max_steps (which is then derived: the banner says
+    both)."""
     micro_batch_size: int = 8
     """Sequences per rank per forward pass."""
     grad_accum_steps: int = 1
@@ -402,6 +424,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.dtype": ("fp32", "bf16", "fp16"),
     "data.format": ("auto", "text", "instruction", "chat"),
     "data.truncation": ("error", "truncate", "drop"),
+    "data.train_on": ("all_assistant", "last_assistant", "all"),
     "train.schedule": ("cosine", "linear", "constant"),
     "quant.warmup.schedule": ("linear", "exponential", "sigmoid"),
     "lora.base": ("nf4", "fp4", "float"),
@@ -461,7 +484,11 @@ def _validate_quant(cfg: RunConfig, fail) -> None:
     warmup = cfg.quant.warmup
     if warmup.steps < 0:
         fail(f"quant.warmup.steps must be 0 (off) or positive, got {warmup.steps}")
-    if warmup.steps and cfg.quant.enable_after_steps + warmup.steps >= cfg.train.max_steps:
+    if (
+        warmup.steps
+        and cfg.train.max_steps is not None
+        and cfg.quant.enable_after_steps + warmup.steps >= cfg.train.max_steps
+    ):
         fail(
             f"quant.warmup.steps ({warmup.steps}) after quant.enable_after_steps ({cfg.quant.enable_after_steps}) "
             f"ends past train.max_steps ({cfg.train.max_steps}): the model would never train fully quantized. "
@@ -514,7 +541,7 @@ def _validate_term_gradients(cfg: RunConfig, fail) -> None:
         if ratio <= 0:
             fail(f"loss_balance.ratios.{name} must be positive, got {ratio}")
     start = calibration_start(cfg)
-    if balance.calibration_steps < 1 or start + balance.calibration_steps >= cfg.train.max_steps:
+    if balance.calibration_steps < 1 or start + balance.calibration_steps >= (cfg.train.max_steps or 1 << 62):
         after = f" after the quantization warm-up (step {start})" if start else ""
         fail(
             f"loss_balance.calibration_steps ({balance.calibration_steps}){after} must be at least 1 and end before "
@@ -734,21 +761,13 @@ def _validate(cfg: RunConfig, source: str) -> None:
         )
     if cfg.model.config is not None and "model_type" not in cfg.model.config:
         fail("model.config needs a model_type (e.g. llama)")
-    if not cfg.data.train_files:
-        fail("data.train_files is empty; list at least one file or glob")
-    if cfg.data.seq_len < 2:
-        fail(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        fail(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps"):
+    _validate_data(cfg, fail)
+    for key in ("micro_batch_size", "grad_accum_steps"):
         if getattr(cfg.train, key) < 1:
             fail(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
+    _validate_steps(cfg, fail)
     if cfg.train.lr <= 0:
         fail(f"train.lr must be positive, got {cfg.train.lr}")
-    if not 0 <= cfg.train.warmup_steps < cfg.train.max_steps:
-        fail(
-            f"train.warmup_steps ({cfg.train.warmup_steps}) must be below train.max_steps ({cfg.train.max_steps})"
-        )
     if len(cfg.train.betas) != 2:
         fail(f"train.betas needs two numbers, got {list(cfg.train.betas)}")
     if cfg.checkpoint.keep_last < 1:
@@ -774,6 +793,83 @@ def _validate(cfg: RunConfig, source: str) -> None:
             fail(f"every loss term and hook needs a `kind`, got {dict(entry)}")
 
 
+def _validate_data(cfg: RunConfig, fail) -> None:
+    data = cfg.data
+    if bool(data.train_files) == bool(data.sources):
+        fail(
+            "set one of data.train_files (files or globs) or data.sources (a mixture: [{files: [...], weight: 1.0}, ...])"
+            + ("; both are set" if data.train_files else "")
+        )
+    if data.seq_len < 2:
+        fail(f"data.seq_len must be at least 2, got {data.seq_len}")
+    if not 0 <= data.val_fraction < 1:
+        fail(f"data.val_fraction must be in [0, 1), got {data.val_fraction}")
+    try:
+        codecs.lookup(data.encoding)
+    except LookupError:
+        fail(f"data.encoding: unknown encoding {data.encoding!r}; e.g. utf-8, latin-1, cp1252")
+    if data.sources and cfg.teacher is not None and cfg.teacher.cache is not None:
+        fail(
+            "teacher.cache stores the teacher's logits per training row, and a mixture draws its rows anew each epoch: drop one of them"
+        )
+    if data.packing and any(entry.get("kind") == "attn_relation" for entry in cfg.loss):
+        fail(
+            "data.packing puts several examples in a row, and attn_relation relates every token of a row: set one of them"
+        )
+    if data.streaming:
+        if data.val_fraction > 0 and not data.val_files:
+            fail(
+                "data.streaming cannot hold out part of a stream: give data.val_files, or set data.val_fraction=0"
+            )
+        if data.max_documents is not None:
+            fail(
+                "data.max_documents is for cached data: with data.streaming, drop it (a stream reads what it needs)"
+            )
+        if cfg.teacher is not None and cfg.teacher.cache is not None:
+            fail(
+                "teacher.cache stores the teacher's logits per cached row, and a stream has no fixed rows: drop data.streaming or teacher.cache"
+            )
+        if cfg.train.epochs is not None:
+            fail(
+                "train.epochs needs the number of rows, which a stream does not know in advance: set train.max_steps"
+            )
+
+
+def _validate_steps(cfg: RunConfig, fail) -> None:
+    """Checks that need the number of steps (again once ``train.epochs`` has set it)."""
+    train = cfg.train
+    if (train.max_steps is None) == (train.epochs is None):
+        fail(
+            "train.max_steps and train.epochs are both set: train by one of them (add train.max_steps=null to train by epochs)"
+            if train.epochs is not None
+            else "set train.max_steps or train.epochs"
+        )
+    if train.epochs is not None and not train.epochs > 0:
+        fail(f"train.epochs must be positive, got {train.epochs}")
+    if train.max_steps is None:
+        return
+    if train.max_steps < 1:
+        fail(f"train.max_steps must be at least 1, got {train.max_steps}")
+    if not 0 <= train.warmup_steps < train.max_steps:
+        fail(f"train.warmup_steps ({train.warmup_steps}) must be below train.max_steps ({train.max_steps})")
+
+
+def resolve_epochs(cfg: RunConfig, rows: int, global_batch_size: int) -> None:
+    """With ``train.epochs``: set ``train.max_steps`` to the steps that cover them, then check what
+    depends on it (warm-ups, calibration) as a config with that max_steps would be."""
+    if cfg.train.epochs is None:
+        return
+    cfg.train.max_steps = max(1, math.ceil(cfg.train.epochs * rows / global_batch_size))
+    epochs, cfg.train.epochs = cfg.train.epochs, None
+    try:
+        _validate(
+            cfg,
+            f"train.epochs={epochs:g} ({cfg.train.max_steps} steps of {global_batch_size} of {rows:,} rows)",
+        )
+    finally:
+        cfg.train.epochs = epochs
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a recipe (with its ``defaults:``) and ``key=value`` overrides onto the schema.
 
@@ -796,6 +892,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     last_source = str(path) if path is not None else "command line"
     if path is not None and overrides:
         last_source += " (with command-line overrides)"
+    steps_set = [
+        name
+        for name, source in sources
+        if OmegaConf.select(source, "train.max_steps", default=None) is not None
+    ]
+    if OmegaConf.select(merged, "train.epochs") is not None and not steps_set:
+        merged.train.max_steps = None  # the default 100 gives way to epochs
     try:
         OmegaConf.resolve(merged)
         missing = sorted(OmegaConf.missing_keys(merged))

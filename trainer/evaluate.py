@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lowbit.losses import CrossEntropyTerm, LossInputs, count_target_tokens
-from lowbit.trainer.data import Examples, eval_batches
+from lowbit.trainer.data import Examples, RowSet, eval_batches, model_inputs
 from lowbit.trainer.strategies import Strategy
 
 
@@ -22,7 +22,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, examples: Examples, batch_size: int, strategy: Strategy, precision: str = "fp32"
+    model: nn.Module,
+    examples: Examples | RowSet,
+    batch_size: int,
+    strategy: Strategy,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Mean next-token cross-entropy over all valid validation tokens, and its perplexity."""
     was_training = model.training
@@ -32,7 +36,7 @@ def evaluate(
     for batch in eval_batches(examples, batch_size, strategy.world_size, strategy.rank):
         batch = {k: v.to(strategy.device) for k, v in batch.items()}
         with autocast(strategy.device, precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch)).logits
         totals[0] += cross_entropy(LossInputs(labels=batch["labels"], student_logits=logits)).double().cpu()
         totals[1] += count_target_tokens(batch["labels"]).double().cpu()
     totals = strategy.all_reduce_sum(totals)

@@ -76,7 +76,7 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
     try:
         seed_everything(cfg.train.seed)
         built = build_model_and_data(cfg, strategy, with_teacher=False)
-        if built.val is None:
+        if built.data.val is None:
             raise UserError("no validation data: set data.val_files or a data.val_fraction above 0")
         # A later stage's checkpoint holds all its weights: the earlier stage (model.init_from) is only
         # needed for the start-of-run baselines, or for a LoRA run's frozen base.
@@ -94,7 +94,10 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
         batch_size = cfg.eval.batch_size or cfg.train.micro_batch_size
 
         def measure(name: str) -> dict[str, Any]:
-            return {"name": name, **evaluate(model, built.val, batch_size, strategy, cfg.train.precision)}
+            return {
+                "name": name,
+                **evaluate(model, built.data.val, batch_size, strategy, cfg.train.precision),
+            }
 
         start = init_from or cfg.model.path or "random init"
         if (

@@ -202,12 +202,12 @@ def merge_perplexities(
     """Perplexity on the run's validation data of the adapter model as trained, the merged float
     model, and the merged model on ``grid`` (what the quantized file holds; ``merged`` is that
     fake-quant model): a merge that degrades the model shows here, not later in production."""
-    from lowbit.trainer.data import load_splits
+    from lowbit.trainer.data import load_data
     from lowbit.trainer.evaluate import evaluate
     from lowbit.trainer.quantization import quantizers_enabled
     from lowbit.trainer.strategies import inference_strategy
 
-    _, val = load_splits(cfg.data, tokenizer, cfg.train.seed)
+    val = load_data(cfg.data, tokenizer, cfg.train.seed, show=False).val
     if val is None:
         return []
     strategy = inference_strategy(cfg.strategy, cfg.train)

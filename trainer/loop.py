@@ -22,6 +22,7 @@ from lowbit.losses import count_target_tokens
 from lowbit.trainer import checkpoint as ckpt
 from lowbit.trainer.build import Components, build_components
 from lowbit.trainer.config import RunConfig, config_dict, to_yaml
+from lowbit.trainer.data import StreamBatches
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import MetricsLogger, setup_console_logging
@@ -52,6 +53,7 @@ class Trainer:
         if resume_from is not None:
             state = ckpt.restore(self.strategy, resume_from, self.parts.frozen_base)
             self.step = state.step
+            self.parts.train_batches.restore(state.data_state, self.step)
             if state.global_batch_size != self.parts.train_batches.global_batch_size:
                 logger.warning(
                     "the global batch changed since the checkpoint (%d -> %d): data order differs from an uninterrupted run",
@@ -116,7 +118,8 @@ class Trainer:
             else module.in_features * module.out_features if hasattr(module, "packed") else 0
             for module in student.modules()
         )  # fmt: skip
-        sequences = len(batches.examples)
+        streaming = isinstance(batches, StreamBatches)
+        sequences = None if streaming else len(batches.examples)
         return {
             "model": cfg.model.path or ("teacher layers" if cfg.model.init_from_teacher else "random (model.config)"),
             "engine": strategy.engine, "world_size": strategy.world_size, "device": strategy.device.type,
@@ -124,7 +127,8 @@ class Trainer:
             "grad_accum_steps": batches.grad_accum_steps, "tokens_per_step": batches.global_batch_size * cfg.data.seq_len,
             "parameters": total, "trained_parameters": trained, "quantized_parameters": quantized,
             "train_sequences": sequences, "val_sequences": len(self.parts.val) if self.parts.val is not None else 0,
-            "epochs": cfg.train.max_steps * batches.global_batch_size / max(1, sequences),
+            "epochs": None if sequences is None else cfg.train.max_steps * batches.global_batch_size / max(1, sequences),
+            "data_sources": self.parts.data_shares, "data_counts": self.parts.data_counts,
             "run_dir": str(self.run_dir),
             "wandb_dir": str(self.run_dir / "wandb") if cfg.log.wandb.mode != "disabled" else None,
         }  # fmt: skip
@@ -137,8 +141,14 @@ class Trainer:
             f"{f['global_batch_size']} = {f['micro_batch_size']} micro × {f['grad_accum_steps']} accum × "
             f"{f['world_size']} ranks ({f['tokens_per_step']:,} tokens) | {f['parameters'] / 1e6:.2f}M parameters, "
             f"{f['trained_parameters'] / 1e6:.2f}M trained, {f['quantized_parameters'] / 1e6:.2f}M quantized | "
-            f"{f['train_sequences']:,} training / {f['val_sequences']:,} validation sequences, "
-            f"{self.cfg.train.max_steps} steps = {f['epochs']:.2f} epochs | model {f['model']} | run dir {self.run_dir}"
+            + (
+                f"{f['train_sequences']:,} training"
+                if f["train_sequences"] is not None
+                else "streamed training"
+            )
+            + f" / {f['val_sequences']:,} validation sequences, {self.cfg.train.max_steps} steps"
+            + (f" = {f['epochs']:.2f} epochs" if f["epochs"] is not None else "")
+            + f" | model {f['model']} | run dir {self.run_dir}"
             + (f" | W&B {f['wandb_dir']}" if f["wandb_dir"] else "")
         )
 
@@ -181,6 +191,7 @@ class Trainer:
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         metrics.update(tokens=int(input_tokens), tokens_per_s=input_tokens / elapsed, step_time_s=elapsed)
+        metrics.update(parts.train_batches.step_metrics())
         return metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -208,6 +219,7 @@ class Trainer:
         state = ckpt.TrainerState(
             step=self.step,
             data_position=parts.train_batches.position(self.step),
+            data_state=parts.train_batches.state(self.step),
             global_batch_size=parts.train_batches.global_batch_size,
             world_size=strategy.world_size,
             scheduler=strategy.scheduler.state_dict() if strategy.scheduler is not None else {},

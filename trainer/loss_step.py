@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lowbit.losses import LossInputs, Objective, count_target_tokens
 from lowbit.losses.fused_head import HeadInputs
 from lowbit.trainer.capture import capture_qkv, head_as_identity
+from lowbit.trainer.data import model_inputs
 from lowbit.trainer.evaluate import autocast
 from lowbit.trainer.teacher import Teacher
 from lowbit.trainer.teacher_cache import TeacherCache
@@ -71,11 +72,7 @@ class LossStep:
             capture_qkv(plain, self.objective.qkv_layers("student")) as qkv,
             head_as_identity(plain) if fused else contextlib.nullcontext() as student_head,
         ):
-            outputs = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                output_hidden_states="student_hidden" in self.needs,
-            )
+            outputs = model(**model_inputs(batch), output_hidden_states="student_hidden" in self.needs)
         inputs, head = self._inputs(batch, outputs, student_head)
         inputs.student_qkv = qkv if "student_qkv" in self.needs else None
         if self.term_probe is not None:
@@ -117,7 +114,7 @@ class LossStep:
             head_as_identity(teacher.model) if head else contextlib.nullcontext() as teacher_head,
         ):
             teacher_outputs = teacher.forward(
-                batch["input_ids"], batch["attention_mask"], "teacher_hidden" in self.needs
+                **model_inputs(batch), hidden_states="teacher_hidden" in self.needs
             )
         inputs.teacher_hidden = teacher_outputs.hidden_states
         inputs.teacher_qkv = teacher_qkv if "teacher_qkv" in self.needs else None

@@ -31,6 +31,7 @@ FREE = (
     "teacher.trust_remote_code",
     "teacher.cache",  # the teacher's own logits, read back (the cache checks it matches)
     "data.max_val_examples",
+    "data.cache_dir",  # where tokenized rows are kept, not what they are
     "quant.baselines",
 )
 # How it is optimised: a change is reported and applied.

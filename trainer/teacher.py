@@ -32,11 +32,16 @@ class Teacher:
     shared_vocab: int | None  # None: identical output sizes, nothing to slice
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states: bool = False):
-        """The teacher's outputs (logits, and per-layer hidden states when asked), without autograd."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hidden_states: bool = False,
+        position_ids: torch.Tensor | None = None, use_cache: bool | None = None,
+    ):  # fmt: skip
+        """The teacher's outputs (logits, and per-layer hidden states when asked), without autograd.
+        ``position_ids`` (packed rows) come without an attention mask (``data.model_inputs``)."""
         return self.model(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states
-        )
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            output_hidden_states=hidden_states, use_cache=use_cache,
+        )  # fmt: skip
 
 
 def _output_size(model: nn.Module) -> int:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lowbit.losses.kd_terms import teacher_topk
 from lowbit.trainer.config import RunConfig
-from lowbit.trainer.data import Examples
+from lowbit.trainer.data import Examples, RowSet, model_inputs
 from lowbit.trainer.errors import UserError
 
 TENSORS, META = "topk.safetensors", "meta.json"
@@ -39,12 +39,12 @@ def topk_settings(cfg: RunConfig) -> tuple[int, float]:
     return int(terms[0].get("k", 64)), float(terms[0].get("temperature", 1.0))
 
 
-def fingerprint(train: Examples, tokenizer, k: int, temperature: float) -> dict[str, Any]:
+def fingerprint(train: Examples | RowSet, tokenizer, k: int, temperature: float) -> dict[str, Any]:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {
-        "data_sha256": hashlib.sha256(train.input_ids.numpy().tobytes()).hexdigest(),
+        "data_sha256": train.digest(),
         "examples": len(train),
-        "seq_len": train.input_ids.shape[1],
+        "seq_len": train.seq_len,
         "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
         "k": k,
         "temperature": temperature,
@@ -101,12 +101,13 @@ def build_cache(cfg: RunConfig) -> dict[str, Any]:
         started = time.perf_counter()
         batch_size = cfg.eval.batch_size or cfg.train.micro_batch_size
         values, indices, lse = [], [], []
-        for start in range(0, len(built.train), batch_size):
-            batch = built.train.batch(list(range(start, min(start + batch_size, len(built.train)))))
+        train = built.data.rows
+        assert train is not None  # data.streaming with teacher.cache is refused with the config
+        for start in range(0, len(train), batch_size):
+            batch = train.batch(list(range(start, min(start + batch_size, len(train)))))
+            batch = {key: value.to(strategy.device) for key, value in batch.items()}
             with autocast(strategy.device, cfg.train.precision):
-                logits = built.teacher.forward(
-                    batch["input_ids"].to(strategy.device), batch["attention_mask"].to(strategy.device)
-                ).logits
+                logits = built.teacher.forward(**model_inputs(batch)).logits
             if built.teacher.shared_vocab is not None:
                 logits = logits[..., : built.teacher.shared_vocab]
             top_values, top_indices, top_lse = teacher_topk(logits, k, temperature)
@@ -127,11 +128,11 @@ def build_cache(cfg: RunConfig) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_file(tensors, str(staging / TENSORS))
-        tokens = built.train.input_ids.numel()
+        tokens = len(train) * train.seq_len
         bytes_total = sum(t.numel() * t.element_size() for t in tensors.values())
         summary = {"tokens": tokens, "bytes": bytes_total, "bytes_per_token": bytes_total / tokens,
                    "seconds": time.perf_counter() - started}  # fmt: skip
-        meta = {"fingerprint": fingerprint(built.train, built.tokenizer, k, temperature), "summary": summary}
+        meta = {"fingerprint": fingerprint(train, built.tokenizer, k, temperature), "summary": summary}
         (staging / META).write_text(json.dumps(meta, indent=2))
         if target.exists():
             shutil.rmtree(target)

@@ -36,7 +36,9 @@ def test_wrong_type_names_key(tmp_path):
 
 def test_missing_required_value(tmp_path):
     recipe = write(tmp_path / "r.yaml", "model:\n  config: {model_type: llama}\n  tokenizer: byte\n")
-    with pytest.raises(UserError, match=r"r.yaml: required value\(s\) missing: data.train_files"):
+    with pytest.raises(
+        UserError, match=r"r.yaml: set one of data.train_files \(files or globs\) or data.sources"
+    ):
         load_config(recipe)
 
 

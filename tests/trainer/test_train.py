@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lowbit.trainer.errors import UserError
 from lowbit.trainer.loop import Trainer, train
-from tests.conftest import TINY, run_cli, tiny_overrides
+from tests.conftest import TINY, TINY_CORPUS, run_cli, tiny_overrides
 
 KILL_HOOK = '''
 import os, signal
@@ -62,7 +62,22 @@ def cfg_run_dir(cfg):
     return Path(cfg.run.output_dir)
 
 
-def test_sigkill_mid_training_resumes_to_identical_weights(tmp_path):
+def streamed_mixture(tmp_path) -> list[str]:
+    """Overrides: the tiny corpus (weight 3) and a chat file (weight 1), packed, streamed."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"what is {i} + {i}?"},
+                                 {"role": "assistant", "content": f"{2 * i}, since {i} + {i} = {2 * i}."}]}) + "\n"
+        for i in range(60)
+    ))  # fmt: skip
+    return [
+        "data.train_files=[]", f"data.sources=[{{files: [{TINY_CORPUS}], weight: 3}}, {{files: [{chat}], weight: 1}}]",
+        "data.streaming=true", "data.packing=true", "data.val_fraction=0",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("data", ["cached", "streamed mixture"])
+def test_sigkill_mid_training_resumes_to_identical_weights(tmp_path, data):
     plugin = tmp_path / "kill_hook.py"
     plugin.write_text(KILL_HOOK)
     common = [
@@ -73,6 +88,7 @@ def test_sigkill_mid_training_resumes_to_identical_weights(tmp_path):
         "train.micro_batch_size=4",
         "train.grad_accum_steps=2",
         f"imports=[{plugin}]",
+        *(streamed_mixture(tmp_path) if data == "streamed mixture" else []),
     ]
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     done = run_cli("train", str(TINY), *tiny_overrides(reference_dir, *common))
@@ -97,6 +113,9 @@ def test_sigkill_mid_training_resumes_to_identical_weights(tmp_path):
     assert [line["loss"] for line in metric_lines(killed_dir)] == [
         line["loss"] for line in metric_lines(reference_dir)
     ]
+    if data == "streamed mixture":  # each source's share of the rows read so far, logged per step
+        shares = metric_lines(reference_dir)[-1]
+        assert shares["data/share/tiny_corpus"] + shares["data/share/chat"] == pytest.approx(1.0)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_config, caplog):

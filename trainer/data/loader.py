@@ -11,18 +11,22 @@ resumed run needs only the step to continue where it stopped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lowbit.trainer.data.examples import Examples
+from lowbit.trainer.data.mixture import Mixture
+from lowbit.trainer.data.store import RowSet
 
 
 @dataclass
 class StepBatches:
     """Yields the micro-batches one rank computes for one optimizer step."""
 
-    examples: Examples
+    examples: Examples | RowSet | Mixture
+    """The rows; a ``Mixture`` gives each epoch its own rows."""
     micro_batch_size: int
     grad_accum_steps: int
     world_size: int
@@ -40,10 +44,18 @@ class StepBatches:
             self._orders = {epoch: torch.randperm(len(self.examples), generator=generator)}
         return self._orders[epoch]
 
-    def indices(self, position: int, count: int) -> list[int]:
-        """Example indices at global positions ``[position, position + count)`` (wrapping epochs)."""
+    def indices(self, position: int, count: int) -> list[tuple[int, int]]:
+        """(epoch, row) at global positions ``[position, position + count)`` (wrapping epochs)."""
         size = len(self.examples)
-        return [int(self._order(p // size)[p % size]) for p in range(position, position + count)]
+        return [(p // size, int(self._order(p // size)[p % size])) for p in range(position, position + count)]
+
+    def _batch(self, chosen: list[tuple[int, int]]) -> dict[str, Tensor]:
+        """The rows of ``chosen``; a micro-batch that crosses an epoch boundary takes rows of both."""
+        parts = []
+        for epoch in dict.fromkeys(e for e, _ in chosen):
+            rows = self.examples.epoch(epoch) if isinstance(self.examples, Mixture) else self.examples
+            parts.append(rows.batch([i for e, i in chosen if e == epoch]))
+        return parts[0] if len(parts) == 1 else {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
         """This rank's ``grad_accum_steps`` micro-batches of step ``step`` (0-based)."""
@@ -51,15 +63,27 @@ class StepBatches:
         batches = []
         for micro in range(self.grad_accum_steps):
             offset = start + (micro * self.world_size + self.rank) * self.micro_batch_size
-            batches.append(self.examples.batch(self.indices(offset, self.micro_batch_size)))
+            batches.append(self._batch(self.indices(offset, self.micro_batch_size)))
         return batches
 
     def position(self, step: int) -> int:
         """Examples consumed globally before ``step`` (stored in checkpoints)."""
         return step * self.global_batch_size
 
+    def state(self, step: int) -> dict[str, Any] | None:
+        """Nothing beyond the step: the order is a function of (seed, position)."""
+        return None
 
-def eval_batches(examples: Examples, batch_size: int, world_size: int, rank: int) -> list[dict[str, Tensor]]:
+    def restore(self, state: dict[str, Any] | None, step: int) -> None:
+        """Nothing to restore (see ``state``)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+
+def eval_batches(
+    examples: Examples | RowSet, batch_size: int, world_size: int, rank: int
+) -> list[dict[str, Tensor]]:
     """This rank's share (every ``world_size``-th example) of the validation set, in batches.
 
     Every rank gets the same number of batches, each of the same size as on the others: where
