@@ -83,10 +83,11 @@ def store_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
 
 
 def int_range(spec: QuantSpec) -> tuple[int, int]:
-    """(qmin, qmax) of the codes: [-(2^(b-1)-1), 2^(b-1)-1] symmetric, [0, 2^b-1] asymmetric."""
+    """(qmin, qmax) of the codes: [-(2^(b-1)-1), 2^(b-1)-1] symmetric (``range: full``:
+    [-2^(b-1), 2^(b-1)-1]), [0, 2^b-1] asymmetric."""
     bits = INT_BITS[spec.dtype]
     if spec.symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1)) + (spec.range != "full"), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
@@ -103,8 +104,11 @@ def qparams(blocks: Tensor, spec: QuantSpec) -> QParams:
         return QParams((high - low) / 15, offset=low)
     if spec.dtype in INT_BITS:
         qmin, qmax = int_range(spec)
-        if spec.symmetric:
-            return QParams(store_scale(blocks.abs().amax(1, keepdim=True) / qmax, spec).clamp_min(TINY))
+        if (
+            spec.symmetric
+        ):  # absmax maps to the middle of the code range's half-width: qmax, or qmax + 0.5 (full)
+            half_width = (qmax - qmin) / 2
+            return QParams(store_scale(blocks.abs().amax(1, keepdim=True) / half_width, spec).clamp_min(TINY))
         low = blocks.amin(1, keepdim=True).clamp_max(0)  # the range always holds 0 exactly
         high = blocks.amax(1, keepdim=True).clamp_min(0)
         scale = store_scale((high - low) / (qmax - qmin), spec).clamp_min(TINY)

@@ -20,6 +20,7 @@ CONVENTIONS = ("default", "gguf_q8_0", "gguf_q4_0", "gguf_q4_1")
 SCALE_DTYPES = ("fp32", "fp16", "bf16")
 STES = ("plain", "clipped")
 SCALE_INITS = ("minmax", "mse")
+RANGES = ("restricted", "full")
 
 
 def _choose(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -46,6 +47,11 @@ class QuantSpec:
         learn_scale: learn the scale (LSQ; with ``symmetric=False`` also the offset, LSQ+).
         scale_init: ``minmax`` (absmax / min-max) or ``mse`` (clipping ratio that minimises
             the quantization error), for learned scales.
+        range: symmetric integer codes in ``restricted`` [-(2^(b-1)-1), 2^(b-1)-1] with scale
+            absmax/(2^(b-1)-1) (zero-centred, what dynamic int8 kernels compute at run time), or
+            ``full`` [-2^(b-1), 2^(b-1)-1] with scale absmax/(2^(b-1)-0.5) (every code used —
+            torchao's convention; int3 has 8 levels instead of 7). For weights whose scales are
+            stored (compressed-tensors holds either).
     """
 
     dtype: str = "int8"
@@ -57,6 +63,7 @@ class QuantSpec:
     ste: str = "plain"
     learn_scale: bool = False
     scale_init: str = "minmax"
+    range: str = "restricted"
 
     def __post_init__(self) -> None:
         _choose("quant dtype", self.dtype, DTYPES)
@@ -65,6 +72,15 @@ class QuantSpec:
         _choose("scale_dtype", self.scale_dtype, SCALE_DTYPES)
         _choose("ste", self.ste, STES)
         _choose("scale_init", self.scale_init, SCALE_INITS)
+        _choose("range", self.range, RANGES)
+        if self.range == "full" and not (
+            self.dtype in INT_BITS and self.symmetric and self.convention == "default"
+        ):
+            raise ValueError(
+                "range 'full' is for symmetric integer grids of the default convention (asymmetric grids and "
+                f"file formats fix their own range); got {self.dtype}, symmetric={self.symmetric}, "
+                f"convention {self.convention}"
+            )
         if self.granularity == "group":
             if self.group_size is None or self.group_size < 1:
                 raise ValueError("granularity 'group' needs a positive group_size (e.g. 32, 64, 128)")
@@ -119,7 +135,7 @@ class QuantSpec:
         """``int4 g32 sym``-style short name for tables."""
         shape = f"g{self.group_size}" if self.granularity == "group" else self.granularity
         kind = "sym" if self.symmetric else "asym"
-        extra = " lsq" if self.learn_scale else ""
+        extra = (" full" if self.range == "full" else "") + (" lsq" if self.learn_scale else "")
         return f"{self.dtype} {shape} {kind}{extra}" if self.convention == "default" else self.convention
 
     def to_dict(self) -> dict[str, Any]:

@@ -33,12 +33,14 @@ def available() -> bool:
 
 
 def supports(x: Tensor, spec: QuantSpec) -> bool:
-    """Symmetric integer grids with groups of 8–256 (a power of two), the default convention, on CUDA."""
+    """Symmetric integer grids with groups of 8–256 (a power of two), the default convention, on CUDA.
+    The kernel computes the restricted range; ``range: full`` goes to the compiled path (same codes)."""
     return (
         x.is_cuda
         and x.is_contiguous()
         and spec.dtype in INT_BITS
         and spec.symmetric
+        and spec.range == "restricted"
         and spec.convention == "default"
         and spec.granularity == "group"
         and spec.group_size is not None

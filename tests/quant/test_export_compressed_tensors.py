@@ -19,6 +19,11 @@ SCHEMES = {
     "int4_g32_sym": {"match": "*", "weight": INT4_G32},
     "int4_g32_asym": {"match": "*", "weight": {**INT4_G32, "symmetric": False}},
     "int8_channel_sym": {"match": "*", "weight": {"dtype": "int8", "granularity": "channel"}},
+    "int4_g32_full": {"match": "*", "weight": {**INT4_G32, "range": "full"}},
+    "int8_channel_full": {
+        "match": "*",
+        "weight": {"dtype": "int8", "granularity": "channel", "range": "full"},
+    },
     "w4a8": {"match": "*", "weight": "w4a8", "activation": "w4a8"},
 }
 
@@ -135,7 +140,7 @@ def test_read_equals_fake_quant_weights_bit_for_bit(scheme, tmp_path):
 # ---------------------------------------------------------------------------------------------- transformers
 
 
-@pytest.mark.parametrize("scheme", ["int4_g32_sym", "int8_channel_sym"])
+@pytest.mark.parametrize("scheme", ["int4_g32_sym", "int8_channel_sym", "int4_g32_full"])
 def test_transformers_loads_compressed_weight_only(scheme, tmp_path):
     """The default load keeps the packed tensors and decompresses them on the first forward."""
     model = tiny_llama([SCHEMES[scheme]])
@@ -235,3 +240,16 @@ def test_check_rejects_quantized_embeddings():
         ExportError, match=r"model.embed_tokens.weight is a quantized Embedding.*quantize_embeddings"
     ):
         ct.check(collect(model))
+
+
+def test_full_range_token_activations_are_the_libraries_own_arithmetic(tmp_path):
+    """compressed-tensors' reference (what transformers runs) quantizes activations per token with
+    ``absmax / 127.5`` into [-128, 127]: ``range: full``. With it the fake-quant model and the loaded
+    checkpoint agree without patching anything (vLLM's CUDA kernel divides by 127: ``restricted``)."""
+    rule = {"match": "*", "weight": "w4a8", "activation": {"preset": "w4a8", "range": "full"}}
+    model = tiny_llama([rule])
+    ct.write(collect(model), tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.allclose(logits(loaded), logits(model), rtol=1e-4, atol=1e-5)
+    restricted = tiny_llama([SCHEMES["w4a8"]])
+    assert not torch.allclose(logits(loaded), logits(restricted), rtol=1e-4, atol=1e-5)  # the check can fail

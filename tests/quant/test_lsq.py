@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lowbit.quant import QuantSpec, learned_fake_quantize
+from lowbit.quant import QuantSpec, fake_quantize, learned_fake_quantize
 from lowbit.quant.fake_quant import initial_scale, learned_codes
 from lowbit.quant.grids import dequantize, int_range
 
@@ -70,6 +70,7 @@ def test_lsq_plus_offset_and_input_gradients():
 def test_learned_codes_dequantize_to_the_forward_exactly():
     torch.manual_seed(2)
     for spec in (QuantSpec("int4", "group", 8, learn_scale=True),
+                 QuantSpec("int3", "group", 8, learn_scale=True, range="full"),
                  QuantSpec("int3", "channel", symmetric=False, learn_scale=True, scale_init="mse")):  # fmt: skip
         x = torch.randn(5, 32)
         scale, offset = initial_scale(x, spec)
@@ -78,6 +79,8 @@ def test_learned_codes_dequantize_to_the_forward_exactly():
         assert torch.equal(dequantize(codes, params, spec).reshape(x.shape), forward)
         qmin, qmax = int_range(spec)
         assert codes.min() >= qmin and codes.max() <= qmax
+        if spec.range == "full":  # the min-max init is the fixed full grid's scale: absmax / 3.5
+            assert torch.equal(forward, fake_quantize(x, QuantSpec("int3", "group", 8, range="full")))
 
 
 def test_mse_init_never_worse_than_minmax():
