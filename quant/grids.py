@@ -138,6 +138,15 @@ def quantize(blocks: Tensor, params: QParams, spec: QuantSpec) -> Tensor:
         return torch.trunc((blocks - params.offset) * _reciprocal_or_zero(scale) + 0.5).clamp(0, 15)
     if spec.dtype in INT_BITS:
         qmin, qmax = int_range(spec)
+        if spec.symmetric and spec.range == "full" and spec.granularity != "token":
+            # A negative absmax lands on the tie -(qmax + 0.5): its code would hang on the scale's last
+            # bit, which devices compute differently (CUDA divides by a scalar as a reciprocal
+            # multiply), and a weight trained on CUDA is exported on the CPU. It takes the grid's end
+            # on every device; the positive side clamps to qmax. (Per-token activation codes are
+            # recomputed by the serving engine, whose arithmetic — ties included — the plain form is.)
+            codes = torch.clamp(torch.round(blocks / scale), qmin, qmax)
+            at_tie = (blocks < 0) & (blocks == -blocks.abs().amax(1, keepdim=True))
+            return torch.where(at_tie, float(qmin), codes)
         if spec.symmetric:
             return torch.clamp(torch.round(blocks / scale), qmin, qmax)
         assert params.zero_point is not None
@@ -192,6 +201,8 @@ def code_range(params: QParams, spec: QuantSpec) -> tuple[Tensor, Tensor]:
         slack = 1e-6 * torch.maximum(low.abs(), high.abs())
     else:
         slack = 0.5 * store_scale(params.scale, spec).abs()
+        if spec.range == "full":  # the absmax sits exactly on qmax + 0.5 steps: keep it inside
+            slack = slack + 1e-6 * torch.maximum(low.abs(), high.abs())
     return low - slack, high + slack
 
 

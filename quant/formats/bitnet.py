@@ -52,7 +52,7 @@ from lowbit.quant.formats import (
 VALUES_PER_BYTE = 4  # 2 bits per ternary value
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 # What BitLinear does to its input: int8, one absmax scale per token, kept in float32.
-BITLINEAR_INPUT = ("int8", "token", True, "fp32")
+BITLINEAR_INPUT = ("int8", "token", True, "fp32", "restricted")
 
 
 # -- packing ------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def bitnet_model_config(config: dict) -> dict:
 
 def _forward_fields(spec) -> tuple:
     """The fields of an activation spec that change the forward (not the STE used in training)."""
-    return spec.dtype, spec.granularity, spec.symmetric, spec.scale_dtype
+    return spec.dtype, spec.granularity, spec.symmetric, spec.scale_dtype, spec.range
 
 
 def write(inputs: ExportInputs, out: Path) -> None:

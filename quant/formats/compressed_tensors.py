@@ -161,8 +161,8 @@ def activation_args(spec: QuantSpec) -> dict[str, Any]:
     """``QuantizationArgs`` of a dynamic per-token int8 input quantizer.
 
     The runtime recomputes these scales per token; its arithmetic is the engine's own (the
-    library's reference divides the absmax by 127.5, ours by 127), so the record says *what* is
-    quantized, not bit-exact activations.
+    library's reference divides the absmax by 127.5 — ``range: full`` — vLLM's CUDA kernel by 127,
+    ``restricted``), so the record says *what* is quantized, not bit-exact activations.
     """
     return {
         "num_bits": 8,

@@ -332,7 +332,7 @@ def _format_codes(weight: QuantizedWeight, kind: str) -> tuple[np.ndarray, np.nd
     scales = per_block(weight.scale)
     minimums = None
     if kind == "q4_0" and spec.convention != "gguf_q4_0":
-        codes = codes + 8  # symmetric int4 q in [-7, 7] is c − 8 with c in [1, 15]
+        codes = codes + 8  # symmetric int4 q in [-7, 7] ([-8, 7] with range: full) is c − 8, c in 0..15
     if kind == "q4_1":  # value = d·c + m: GGUF's own preset, or LSQ+'s learned offset
         assert weight.offset is not None
         minimums = per_block(weight.offset)

@@ -228,3 +228,28 @@ def test_the_full_range_uses_every_code_and_errs_less_at_low_bits(bits):
 def test_non_divisible_group_is_a_clear_error():
     with pytest.raises(ValueError, match=r"group_size 32 does not divide the last dimension 100"):
         fake_quantize(torch.randn(3, 100), QuantSpec("int4", "group", 32))
+
+
+def test_the_full_grid_gives_a_negative_absmax_the_bottom_code_whatever_the_scales_last_bit():
+    """The negative absmax of a full-range block sits on the tie -(qmax + 0.5). Its code must not
+    hang on the scale's last bit (CUDA computes ``a / 7.5`` as ``a · (1/7.5)``, the CPU exactly):
+    it is -2^(b-1) either way, zeros stay zero, and the clipped STE keeps the absmax's gradient."""
+    from lowbit.quant.grids import QParams, quantize, to_blocks
+
+    spec = QuantSpec("int4", "group", 32, range="full")
+    w = torch.randn(512, 32, generator=torch.Generator().manual_seed(7))
+    w[0] = 0.0
+    blocks = to_blocks(w, spec)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    exact = absmax / 7.5
+    reciprocal = absmax * torch.tensor(1 / 7.5, dtype=torch.float32)  # CUDA's scalar division
+    assert not torch.equal(exact, reciprocal)  # the two differ in the last bit for some blocks
+    negative = (blocks == -absmax) & (blocks < 0)
+    for scale in (exact, reciprocal):
+        codes = quantize(blocks, QParams(scale.clamp_min(1e-12)), spec)
+        assert (codes[negative] == -8).all() and (codes[0] == 0).all()
+    assert torch.equal(fake_quantize(w, spec)[0], torch.zeros(32))
+    clipped = QuantSpec("int4", "group", 32, range="full", ste="clipped")
+    x = w.clone().requires_grad_(True)
+    fake_quantize(x, clipped).sum().backward()
+    assert (x.grad[1:] == 1).all()  # nothing in a min-max block is past its grid
