@@ -149,7 +149,8 @@ def check(inputs: ExportInputs) -> None:
             got = "no activation quantization" if activation is None else activation.describe()
             raise ExportError(
                 f"{module} was trained with {got}, but transformers' BitLinear always quantizes its input to "
-                "int8 per token (absmax); the exported model would not compute what was trained. Train with "
+                "int8 per token (absmax / 127, the restricted range); the exported model would not compute what "
+                "was trained. Train with "
                 "the bitnet preset's activations (rule {match: ..., weight: bitnet, activation: bitnet})"
             )
 

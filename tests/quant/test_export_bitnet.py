@@ -195,3 +195,12 @@ def test_check_names_the_layer_and_the_fix():
     inputs.extra["linear_class"] = "bitlinear2"
     with pytest.raises(ExportError, match="linear_class 'bitlinear2'"):
         check(inputs)
+
+
+def test_check_refuses_full_range_activations_that_transformers_bitlinear_does_not_compute():
+    model = tiny_llama()
+    quantize_model(
+        model, [{"match": "*", "weight": "bitnet", "activation": {"preset": "bitnet", "range": "full"}}]
+    )
+    with pytest.raises(ExportError, match=r"q_proj was trained with int8 token sym full, .*absmax / 127"):
+        check(collect(model))
