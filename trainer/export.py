@@ -239,14 +239,19 @@ def apply_ptq(model, fmt: str, scheme: str | None) -> None:
 
 
 def parse_scheme(text: str) -> dict[str, Any]:
-    """``int4-g64``, ``int8-channel``, ``int4-g32-asym`` → a weight spec (for ``--ptq``)."""
+    """``int4-g64``, ``int8-channel``, ``int4-g32-asym``, ``int3-g64-full`` → a weight spec (for ``--ptq``)."""
     from lowbit.quant import PRESETS
 
     parts = text.split("-")
-    usage = f"--ptq {text!r}: give a preset ({', '.join(PRESETS)}) or DTYPE-gN|channel|tensor[-asym], e.g. int4-g64"
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "asym"):
+    usage = (
+        f"--ptq {text!r}: give a preset ({', '.join(PRESETS)}) or DTYPE-gN|channel|tensor[-asym|-full], "
+        "e.g. int4-g64 or int3-g64-full"
+    )
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("asym", "full")):
         raise UserError(usage)
-    spec: dict[str, Any] = {"dtype": parts[0], "symmetric": len(parts) == 2}
+    spec: dict[str, Any] = {"dtype": parts[0], "symmetric": parts[2:] != ["asym"]}
+    if parts[2:] == ["full"]:
+        spec["range"] = "full"
     if parts[1] in ("channel", "tensor"):
         spec["granularity"] = parts[1]
     elif parts[1].startswith("g") and parts[1][1:].isdigit():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from lowbit.trainer.cli import main
 from lowbit.trainer.config import load_config
@@ -75,6 +76,22 @@ def test_exporting_a_float_model_asks_for_ptq_then_ptq_works(pretrained_tiny, tm
     assert main(["export", str(pretrained_tiny), "--format", "gguf-q8_0", "--out", str(out), "--ptq"]) == 0
     report = capsys.readouterr().out
     assert "(PTQ)" in report and "exact" in report and out.is_file()
+
+
+def test_a_full_range_ptq_scheme_exports_exactly_with_every_code(pretrained_tiny, tmp_path, capsys):
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ct"
+    args = ["export", str(pretrained_tiny), "--format", "compressed-tensors", "--out", str(out), "--ptq"]
+    assert main([*args, "int4-g32-full"]) == 0
+    report = capsys.readouterr().out
+    assert "int4 g32 sym full" in report and "exact" in report
+    packed = load_file(out / "model.safetensors")["model.layers.0.mlp.down_proj.weight_packed"]
+    codes = unpack_from_int32(packed, 4, torch.Size([64, 128]))  # the library unpacks to signed codes
+    assert int(codes.min()) == -8 and int(codes.max()) == 7  # all 16 levels: [-8, 7]
+    assert main([*args, "int4-g32-wide", "--overwrite"]) == 2
+    assert "DTYPE-gN|channel|tensor[-asym|-full]" in capsys.readouterr().err
 
 
 def test_a_format_that_cannot_hold_the_model_leaves_no_file(qat_run, tmp_path, capsys):
