@@ -288,7 +288,7 @@ def test_an_unwritable_cache_dir_is_refused(tmp_path, corpus):
         )
 
 
-def test_streamed_and_cached_batches_carry_the_same_token_counts(tmp_path, corpus):
+def test_a_stores_recorded_counts_match_its_rows(tmp_path, corpus):
     _, _, chat = corpus
     cfg = cfg_for(tmp_path, train_files=[str(chat)], packing=True)
     rows = load_data(cfg, TOK, 0).rows

@@ -167,6 +167,6 @@ def model_inputs(batch: dict[str, Tensor]) -> dict[str, Any]:
 
 
 __all__ = [
-    "Examples", "Mixture", "RowSet", "mixture_counts", "StepBatches", "StreamBatches", "TrainData", "eval_batches", "load_data",
-    "model_inputs", "split_validation", "training_sources",
+    "Examples", "Mixture", "RowSet", "StepBatches", "StreamBatches", "TrainData", "eval_batches", "load_data",
+    "mixture_counts", "model_inputs", "split_validation", "training_sources",
 ]  # fmt: skip

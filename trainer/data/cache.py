@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -125,13 +126,13 @@ def _hash(value: Any) -> str:
 class BuildProgress:
     """Bytes read while a store is built: a tqdm bar on a terminal, a log line every 10 s otherwise."""
 
-    def __init__(self, files: list[Path], label: str, show: bool) -> None:
-        self.files, self.label, self.show = files, label, show
-        self.total = file_bytes(files)
-        self.sizes = [file_bytes([path]) for path in files]
+    def __init__(self, files: list[Path], label: str) -> None:
+        self.label = label
+        self.starts = list(itertools.accumulate((file_bytes([path]) for path in files), initial=0))
+        self.total = self.starts[-1]
         self.started = self.last_line = time.perf_counter()
         self.bar = None
-        if show and sys.stderr.isatty():
+        if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
@@ -139,10 +140,10 @@ class BuildProgress:
             )
 
     def update(self, position: Position, byte_offsets: bool) -> None:
-        done = sum(self.sizes[: position.file]) + (position.offset if byte_offsets else 0)
+        done = self.starts[position.file] + (position.offset if byte_offsets else 0)
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
-        elif self.show and time.perf_counter() - self.last_line > 10:
+        elif time.perf_counter() - self.last_line > 10:
             self.last_line = time.perf_counter()
             rate = done / max(self.last_line - self.started, 1e-9)
             eta = (self.total - done) / max(rate, 1e-9)
@@ -189,12 +190,13 @@ def _tracked(units: Iterator[Unit], progress: BuildProgress, byte_offsets: bool)
 
 def build_store(
     directory: Path, files: list[Path], fmt: str, cfg: DataConfig, tokenizer, max_documents: int | None,
-    label: str, show: bool, key: dict[str, Any],
+    label: str, key: dict[str, Any],
 ) -> None:  # fmt: skip
-    """Tokenize ``files`` into a store at ``directory``."""
+    """Tokenize ``files`` into a store at ``directory`` (with progress: only the builder reads)."""
+    fmt = first_format(files, cfg, fmt)
     layout = layout_of(fmt, cfg)
     encoder = Encoder(tokenizer, cfg, fmt)
-    progress = BuildProgress(files, label, show)
+    progress = BuildProgress(files, label)
     byte_offsets = all(path.suffix in (".txt", ".jsonl") for path in files)
     writer = StoreWriter(directory, layout, cfg.seq_len, len(tokenizer))  # type: ignore[arg-type]
     started = time.perf_counter()
@@ -227,15 +229,13 @@ def build_store(
 
 
 @contextlib.contextmanager
-def _locked(path: Path, label: str, show: bool) -> Iterator[bool]:
-    """Hold an exclusive lock on ``path``; yields whether another process held it first."""
+def _locked(path: Path, label: str, show: bool) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (saying so when another process holds it first)."""
     with path.open("w") as handle:
-        waited = False
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                waited = True
                 if show:
                     logger.info("%s: another process is building this data cache; waiting for it", label)
                 fcntl.flock(handle, fcntl.LOCK_EX)
@@ -245,7 +245,7 @@ def _locked(path: Path, label: str, show: bool) -> Iterator[bool]:
                 "locks): set data.cache_dir to a local or lock-capable directory"
             ) from None
         try:
-            yield waited
+            yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -277,7 +277,7 @@ def cached_store(
         raise UserError(
             f"data.cache_dir: cannot create {root} ({error.strerror}); set data.cache_dir to a writable directory"
         ) from None
-    fmt = first_format(files, cfg, fmt)
+    # Keyed by the configured format: an `auto` format follows from the contents, which the key holds.
     options = options_key(fmt, cfg, tokenizer, max_documents)
     stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     builder = builds_caches()
@@ -314,7 +314,7 @@ def _build(root: Path, name: str, files: list[Path], fmt: str, cfg: DataConfig, 
         shutil.rmtree(stale, ignore_errors=True)
     temporary = root / f"{name}.building-{os.getpid()}"
     try:
-        build_store(temporary, files, fmt, cfg, tokenizer, max_documents, label, True, key)
+        build_store(temporary, files, fmt, cfg, tokenizer, max_documents, label, key)
         temporary.rename(root / name)
     except UserError as error:
         (root / f"{name}.failed").write_text(str(error))

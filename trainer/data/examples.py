@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -50,16 +49,9 @@ class Examples:
         return hashlib.sha256(self.input_ids.numpy().tobytes()).hexdigest()
 
 
-class Selectable(Protocol):
-    def __len__(self) -> int: ...
-    def select(self, indices): ...
-
-
-Rows = TypeVar("Rows", bound=Selectable)
-
-
-def split_validation(examples: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
-    """Hold out ``fraction`` of the rows (at least one) by a seeded permutation."""
+def split_validation(examples, fraction: float, seed: int):
+    """Hold out ``fraction`` of the rows (at least one) by a seeded permutation: (train, validation),
+    each selected from ``examples`` (``Examples`` or ``RowSet``)."""
     count = len(examples)
     num_val = max(1, round(count * fraction)) if fraction > 0 else 0
     if num_val >= count:

@@ -39,6 +39,11 @@ class Row:
     lengths: list[int]
     """Lengths of the examples in the row, in order (one for blocks and padded rows)."""
 
+    @property
+    def starts(self) -> np.ndarray:
+        """Where each example begins in the row."""
+        return np.cumsum([0, *self.lengths[:-1]])
+
 
 @dataclass(frozen=True)
 class Resume:
@@ -144,10 +149,9 @@ def row_tensors(rows: list[Row], seq_len: int, pad_id: int, positions: bool) -> 
             labels[index, :length] = row.tokens
         else:
             labels[index, :length] = np.where(row.targets, row.tokens, IGNORE_INDEX)
-            starts = np.cumsum([0, *row.lengths[:-1]])
-            labels[index, starts] = IGNORE_INDEX
+            labels[index, row.starts] = IGNORE_INDEX
         if pos is not None:
-            for start, size in zip(np.cumsum([0, *row.lengths]), [*row.lengths, seq_len - length]):
+            for start, size in zip([*row.starts, length], [*row.lengths, seq_len - length]):
                 pos[index, start : start + size] = np.arange(size)
     out = {
         "input_ids": torch.from_numpy(ids),

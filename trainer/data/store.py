@@ -71,8 +71,7 @@ class StoreWriter:
         self._write("example_offsets", ends.astype(np.int64))
         self.examples += len(row.lengths)
         self._write("row_examples", np.asarray([self.examples], np.int64))
-        starts = np.cumsum([0, *row.lengths[:-1]])
-        self.target_tokens += int(row.targets.sum() - row.targets[starts].sum())
+        self.target_tokens += int(row.targets.sum() - row.targets[row.starts].sum())
 
     def close(self, facts: dict[str, Any]) -> None:
         for handle in self.files.values():

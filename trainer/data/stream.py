@@ -110,7 +110,6 @@ class StreamBatches:
     seed: int
     pad_id: int
     next_step: int = 0
-    rows_read: int = 0
     taken: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -134,10 +133,9 @@ class StreamBatches:
             raise RuntimeError(f"the stream is at step {self.next_step}; step {step} was asked for")
         rows = []
         for _ in range(self.global_batch_size):
-            source = self._source(self.rows_read)
+            source = self._source(sum(self.taken))  # the rows read so far
             rows.append(self.streams[source].next_row())
             self.taken[source] += 1
-            self.rows_read += 1
         self.next_step += 1
         batches = []
         for micro in range(self.grad_accum_steps):
@@ -156,7 +154,7 @@ class StreamBatches:
         """What a checkpoint of ``step`` stores to continue the stream exactly (read through step - 1)."""
         if step != self.next_step:
             raise RuntimeError(f"the stream is at step {self.next_step}, not {step}")
-        return {"step": step, "rows_read": self.rows_read, "taken": list(self.taken),
+        return {"step": step, "taken": list(self.taken),
                 "sources": [stream.state() for stream in self.streams]}  # fmt: skip
 
     def restore(self, state: dict[str, Any] | None, step: int) -> None:
@@ -168,11 +166,11 @@ class StreamBatches:
             raise UserError(
                 f"the checkpoint's stream has {len(state['sources'])} source(s), this config {len(self.streams)}"
             )
-        for stream, saved in zip(self.streams, state["sources"]):
-            stream.restore(saved)
-        self.rows_read, self.taken, self.next_step = state["rows_read"], list(state["taken"]), step
         if state["step"] != step:
             raise UserError(f"the checkpoint's stream position is for step {state['step']}, not {step}")
+        for stream, saved in zip(self.streams, state["sources"]):
+            stream.restore(saved)
+        self.taken, self.next_step = list(state["taken"]), step
 
     def step_metrics(self) -> dict[str, float]:
         """Each source's share of the rows read so far (a mixture), and examples dropped or truncated."""
