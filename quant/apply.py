@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -198,6 +198,16 @@ def summary_table(reports: Sequence[RuleReport]) -> str:
 def quantizers(model: nn.Module) -> list[FakeQuantizer]:
     """Every fake quantizer in ``model``."""
     return [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+
+
+def quant_grids(model: nn.Module, before_auto: bool = False) -> list[str]:
+    """Each distinct grid the model's quantizers compute (``int4 g32 sym full``...), sorted: what a
+    checkpoint records so a resume cannot continue on another grid. ``before_auto``: the grids a
+    lowbit without ``range: auto`` computed for the same rules (an unset range was restricted)."""
+    specs = (q.spec for q in quantizers(model))
+    if before_auto:
+        specs = (replace(s, range="restricted") if s.range == "auto" else s for s in specs)
+    return sorted({s.describe() for s in specs})
 
 
 def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:

@@ -87,7 +87,7 @@ def int_range(spec: QuantSpec) -> tuple[int, int]:
     [-2^(b-1), 2^(b-1)-1]), [0, 2^b-1] asymmetric."""
     bits = INT_BITS[spec.dtype]
     if spec.symmetric:
-        return -(2 ** (bits - 1)) + (spec.range != "full"), 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1)) + (not spec.full_range), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
@@ -138,7 +138,7 @@ def quantize(blocks: Tensor, params: QParams, spec: QuantSpec) -> Tensor:
         return torch.trunc((blocks - params.offset) * _reciprocal_or_zero(scale) + 0.5).clamp(0, 15)
     if spec.dtype in INT_BITS:
         qmin, qmax = int_range(spec)
-        if spec.symmetric and spec.range == "full" and spec.granularity != "token":
+        if spec.symmetric and spec.full_range and spec.granularity != "token":
             # A negative absmax lands on the tie -(qmax + 0.5): its code would hang on the scale's last
             # bit, which devices compute differently (CUDA divides by a scalar as a reciprocal
             # multiply), and a weight trained on CUDA is exported on the CPU. It takes the grid's end
@@ -201,7 +201,7 @@ def code_range(params: QParams, spec: QuantSpec) -> tuple[Tensor, Tensor]:
         slack = 1e-6 * torch.maximum(low.abs(), high.abs())
     else:
         slack = 0.5 * store_scale(params.scale, spec).abs()
-        if spec.range == "full":  # the absmax sits exactly on qmax + 0.5 steps: keep it inside
+        if spec.full_range:  # the absmax sits exactly on qmax + 0.5 steps: keep it inside
             slack = slack + 1e-6 * torch.maximum(low.abs(), high.abs())
     return low - slack, high + slack
 

@@ -60,6 +60,8 @@ class TrainerState:
     """sha256 of the frozen parameters the checkpoint leaves out (a LoRA run's base), else None."""
     data_state: dict[str, Any] | None = None
     """A stream's position (``data.streaming``): where each source continues; None for cached data."""
+    quant_grids: list[str] | None = None
+    """The grids the fake quantizers computed (``quant_grids``); None: written before they were recorded."""
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -276,6 +278,36 @@ def choose_resume(mode: str, run_dir: Path) -> Path | None:
     return path
 
 
+def check_quant_grids(
+    state: TrainerState, checkpoint: Path, model: nn.Module, deliberate: bool = False
+) -> None:
+    """Refuse to continue (or export, evaluate) a run on other grids than it trained on.
+
+    The config alone cannot tell: a rule without ``range`` meant the restricted grid before
+    ``range: auto`` existed, and auto picks the full one for some shapes. A checkpoint without the
+    record was written before auto, so its grids are the restricted reading of the same rules.
+    ``deliberate``: the quant rules were changed on purpose (``checkpoint.allow_config_change``):
+    warn instead.
+    """
+    from lowbit.quant import quant_grids
+
+    grids = quant_grids(model)
+    trained = state.quant_grids if state.quant_grids is not None else quant_grids(model, before_auto=True)
+    if trained == grids:
+        return
+    what = (f"checkpoint {checkpoint} trained on the grids {', '.join(trained) or 'none'} but this model computes "
+            f"{', '.join(grids) or 'none'}")  # fmt: skip
+    if deliberate:
+        logger.warning("%s (the quant rules changed: checkpoint.allow_config_change)", what)
+        return
+    raise UserError(
+        f"{what}: the quant rules or lowbit's defaults changed (an unset range was restricted before range: "
+        "auto). Give each rule the range it trained with (e.g. range: restricted) — to resume, in the config "
+        "with checkpoint.allow_config_change=true; for lowbit export / eval / generate, as a quant.rules "
+        "override — or start a new run (another run.output_dir)"
+    )
+
+
 TUNED = ("weight_decay", "betas", "eps")  # per optimizer group; the learning rate comes from the schedule
 
 
@@ -313,12 +345,17 @@ def restore(strategy: Strategy, checkpoint: Path, frozen_base: str | None = None
     return state
 
 
-def load_weights(checkpoint: Path, model: nn.Module) -> None:
+def load_weights(checkpoint: Path, model: nn.Module, same_grids: bool = False) -> None:
     """Verify ``checkpoint`` and load the student's weights into a plain ``model``, in one process,
-    whichever engine wrote it (a sharded checkpoint is reassembled: what eval and export read)."""
+    whichever engine wrote it (a sharded checkpoint is reassembled: what eval and export read).
+    ``same_grids``: the model must compute the grids the checkpoint trained on (``check_quant_grids``)
+    — for export and eval of a run; a later stage (``model.init_from``) may choose others."""
     from lowbit.trainer.strategies import read_weights
 
     problem = verify(checkpoint)
     if problem is not None:
         raise UserError(f"checkpoint {checkpoint} cannot be loaded: {problem}")
-    read_weights(read_state(checkpoint).layout, checkpoint, model)
+    state = read_state(checkpoint)
+    if same_grids:
+        check_quant_grids(state, checkpoint, model)
+    read_weights(state.layout, checkpoint, model)

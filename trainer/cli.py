@@ -99,9 +99,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="round-to-nearest quantize a float model first (the format's preset, or SCHEME)")  # fmt: skip
     export.add_argument("--float-type", default=None,
                         help="storage of tensors left in float: f16, bf16, f32 (default: f16 for GGUF, else the model's)")  # fmt: skip
-    export.add_argument("--embedding-type", default=None, choices=("f16", "bf16", "f32", "q8_0"),
+    export.add_argument("--embedding-type", default=None, metavar="f16|bf16|f32|q8_0|q6_k",
                         help="GGUF: storage of the float token embeddings / untied head (default: what llama-quantize "
-                             "picks for the file's type: Q8_0 in quantized files, the float type in f16 ones)")  # fmt: skip
+                             "picks for the file's type: in quantized files Q6_K for rows of whole 256-value blocks, "
+                             "else Q8_0; the float type in f16 ones)")  # fmt: skip
     export.add_argument(
         "--tokenizer-pre", default=None, help="GGUF tokenizer.ggml.pre (llama.cpp pre-tokenizer)"
     )

@@ -448,6 +448,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def _validate_export(cfg: RunConfig, fail) -> None:
     """The ``export`` section must be exportable when training ends: checked before training starts."""
+    from lowbit.quant.formats.gguf import EMBEDDING_TYPES
     from lowbit.trainer.export import FLOAT_TYPES, FORMATS, LORA_FORMATS
 
     export = cfg.export
@@ -458,10 +459,10 @@ def _validate_export(cfg: RunConfig, fail) -> None:
     if export.format not in FORMATS:
         fail(f"export.format: unknown format {export.format!r}; choose one of {', '.join(FORMATS)}")
     if export.embedding_type is not None and (
-        not export.format.startswith("gguf-") or export.embedding_type not in ("f16", "bf16", "f32", "q8_0")
+        not export.format.startswith("gguf-") or export.embedding_type not in EMBEDDING_TYPES
     ):
         fail(
-            f"export.embedding_type {export.embedding_type!r}: a GGUF option (f16, bf16, f32, q8_0); "
+            f"export.embedding_type {export.embedding_type!r}: a GGUF option ({', '.join(EMBEDDING_TYPES)}); "
             f"export.format is {export.format}"
         )
     if export.float_type is not None and export.float_type not in FLOAT_TYPES:

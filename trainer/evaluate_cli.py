@@ -120,7 +120,7 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
             with quantizers_enabled(model, True):
                 rows.append(measure("PTQ (round-to-nearest)"))
         if checkpoint is not None:
-            ckpt.load_weights(checkpoint, strategy.unwrap(model))
+            ckpt.load_weights(checkpoint, strategy.unwrap(model), same_grids=True)
             with quantizers_enabled(model, True):
                 rows.append(measure(f"{'QAT' if cfg.quant else 'trained'} ({checkpoint.name})"))
             if baselines:

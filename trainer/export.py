@@ -187,7 +187,7 @@ def load_source(source: Path, overrides: list[str], merge: bool = True) -> Sourc
 
         initial = {name: tensor.clone() for name, tensor in adapter_tensors(model).items()}
     if checkpoint is not None:
-        ckpt.load_weights(checkpoint, model)
+        ckpt.load_weights(checkpoint, model, same_grids=True)
     if merge and cfg is not None and cfg.lora is not None:
         from lowbit.trainer.export_lora import merge_adapters
 
@@ -239,19 +239,20 @@ def apply_ptq(model, fmt: str, scheme: str | None) -> None:
 
 
 def parse_scheme(text: str) -> dict[str, Any]:
-    """``int4-g64``, ``int8-channel``, ``int4-g32-asym``, ``int3-g64-full`` → a weight spec (for ``--ptq``)."""
+    """``int4-g64``, ``int8-channel``, ``int4-g32-asym``, ``int3-g64-full``, ``int4-g32-restricted`` → a
+    weight spec (for ``--ptq``); without a suffix a symmetric grid takes ``range: auto``."""
     from lowbit.quant import PRESETS
 
     parts = text.split("-")
     usage = (
-        f"--ptq {text!r}: give a preset ({', '.join(PRESETS)}) or DTYPE-gN|channel|tensor[-asym|-full], "
+        f"--ptq {text!r}: give a preset ({', '.join(PRESETS)}) or DTYPE-gN|channel|tensor[-asym|-full|-restricted], "
         "e.g. int4-g64 or int3-g64-full"
     )
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("asym", "full")):
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("asym", "full", "restricted")):
         raise UserError(usage)
     spec: dict[str, Any] = {"dtype": parts[0], "symmetric": parts[2:] != ["asym"]}
-    if parts[2:] == ["full"]:
-        spec["range"] = "full"
+    if parts[2:] in (["full"], ["restricted"]):
+        spec["range"] = parts[2]
     if parts[1] in ("channel", "tensor"):
         spec["granularity"] = parts[1]
     elif parts[1].startswith("g") and parts[1][1:].isdigit():
@@ -374,7 +375,7 @@ def export(
     """Export ``source`` to ``out`` in ``fmt``, self-check it, and return the summary.
 
     ``float_type`` (f16, bf16, f32) is how tensors left in float are stored: GGUF defaults to f16,
-    the Hugging Face formats to the model's own dtype. ``embedding_type`` (GGUF: f16, bf16, f32,
+    the Hugging Face formats to the model's own dtype. ``embedding_type`` (GGUF: f16, bf16, f32, q6_k,
     q8_0) stores the float embeddings (and an untied head); by default what llama-quantize picks.
     """
     from lowbit.quant.formats import ExportError, collect, has_subln
@@ -386,6 +387,10 @@ def export(
     module, choice = writer(fmt), FORMATS[fmt]
     if float_type is not None and float_type not in FLOAT_TYPES:
         raise UserError(f"--float-type {float_type!r}; choose one of {', '.join(FLOAT_TYPES)}")
+    from lowbit.quant.formats.gguf import EMBEDDING_TYPES
+
+    if embedding_type is not None and embedding_type not in EMBEDDING_TYPES:  # before the model loads
+        raise UserError(f"--embedding-type {embedding_type!r}; choose one of {', '.join(EMBEDDING_TYPES)}")
     out = _check_output(out, source, choice.single_file, overwrite)
     loaded = load_source(source, overrides or [], merge=False)
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lowbit.losses import count_target_tokens
+from lowbit.quant import quant_grids
 from lowbit.trainer import checkpoint as ckpt
 from lowbit.trainer.build import Components, build_components
 from lowbit.trainer.config import RunConfig, config_dict, to_yaml
@@ -28,7 +29,7 @@ from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import MetricsLogger, setup_console_logging
 from lowbit.trainer.preemption import Preempted, StopSignals
 from lowbit.trainer.preflight import check_room_for_checkpoint, check_run_dir
-from lowbit.trainer.resume_guard import check_config_drift
+from lowbit.trainer.resume_guard import check_config_drift, quant_rules_changed
 from lowbit.trainer.strategies import Strategy, build_strategy
 from lowbit.trainer.strategies.base import full_numel
 
@@ -51,6 +52,8 @@ class Trainer:
         self._decided_on_main(lambda: check_room_for_checkpoint(self.run_dir, total, trained))
         self.step = 0
         if resume_from is not None:
+            deliberate = cfg.checkpoint.allow_config_change and quant_rules_changed(resume_from, cfg)
+            ckpt.check_quant_grids(ckpt.read_state(resume_from), resume_from, self.parts.model, deliberate)
             state = ckpt.restore(self.strategy, resume_from, self.parts.frozen_base)
             self.step = state.step
             self.parts.train_batches.restore(state.data_state, self.step)
@@ -226,6 +229,7 @@ class Trainer:
             engine=strategy.engine,
             layout=strategy.checkpoint_layout,
             frozen_base=parts.frozen_base,
+            quant_grids=quant_grids(parts.model),
         )
         ckpt.save(strategy, self.run_dir, state, self.config_yaml, self.cfg.checkpoint.keep_last)
 

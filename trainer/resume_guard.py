@@ -69,6 +69,15 @@ def _under(key: str, sections: tuple[str, ...]) -> bool:
     return any(key == section or key.startswith(section + ".") for section in sections)
 
 
+def quant_rules_changed(checkpoint: Path, cfg: RunConfig) -> bool:
+    """Whether ``cfg``'s ``quant`` section differs from the one ``checkpoint`` was trained with."""
+    stored = checkpoint / "config.yaml"
+    if not stored.is_file():
+        return False
+    before = OmegaConf.to_container(OmegaConf.load(stored))
+    return any(_under(key, ("quant",)) for key in differences(before, config_dict(cfg)))  # type: ignore[arg-type]
+
+
 def check_config_drift(checkpoint: Path, cfg: RunConfig) -> None:
     """Refuse (``UserError``) to resume ``checkpoint`` under a ``cfg`` that trains something else;
     log what changes in how it is optimised. ``checkpoint.allow_config_change`` turns the refusal

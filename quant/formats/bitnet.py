@@ -52,7 +52,7 @@ from lowbit.quant.formats import (
 VALUES_PER_BYTE = 4  # 2 bits per ternary value
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 # What BitLinear does to its input: int8, one absmax scale per token, kept in float32.
-BITLINEAR_INPUT = ("int8", "token", True, "fp32", "restricted")
+BITLINEAR_INPUT = ("int8", "token", True, "fp32", False)  # the last: full_range
 
 
 # -- packing ------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def bitnet_model_config(config: dict) -> dict:
 
 def _forward_fields(spec) -> tuple:
     """The fields of an activation spec that change the forward (not the STE used in training)."""
-    return spec.dtype, spec.granularity, spec.symmetric, spec.scale_dtype, spec.range
+    return spec.dtype, spec.granularity, spec.symmetric, spec.scale_dtype, spec.full_range
 
 
 def write(inputs: ExportInputs, out: Path) -> None:

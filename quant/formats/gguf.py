@@ -39,6 +39,7 @@ from torch import Tensor
 from lowbit.quant.convert import QuantizedWeight
 from lowbit.quant.formats import ExportError, ExportInputs, has_subln
 from lowbit.quant.packing import QK_TERNARY, pack_blocks
+from lowbit.quant.q6_k import quantize_q6_k
 
 # HF model_type -> GGUF architecture. Mistral's dense models use llama.cpp's llama graph.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
@@ -66,7 +67,8 @@ FLOAT_TYPES = {
     "bf16": (GGMLQuantizationType.BF16, None),
 }
 # How the token embeddings (and an untied output head) may be stored when the scheme leaves them in float.
-EMBEDDING_TYPES = ("f16", "bf16", "f32", "q8_0")
+EMBEDDING_TYPES = ("f16", "bf16", "f32", "q8_0", "q6_k")
+BLOCK_VALUES = {"q8_0": 32, "q6_k": 256}  # values per block of the quantized embedding types
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
 
 # What each quantized type holds exactly: (dtype, symmetric, how to name the training preset).
@@ -164,14 +166,22 @@ def _rope_type(config) -> str:
     return "default"
 
 
-def embedding_type(inputs: ExportInputs) -> str:
+def embedding_type(inputs: ExportInputs, row_length: int | None = None) -> str:
     """Storage of float embeddings: ``--embedding-type``, else what ``llama-quantize`` picks for the
-    file's type — the float type for f16 files; for quantized ones Q8_0 (llama-quantize takes Q6_K
-    when rows are whole 256-value blocks, which lowbit does not write yet, and Q8_0 otherwise)."""
+    output table (the head, or the tied embeddings) of the file's type — the float type for f16
+    files, Q8_0 for Q8_0 files, else Q6_K when the rows are whole 256-value blocks (``row_length``)
+    and Q8_0 when not. (For an *untied* model's token embeddings llama-quantize keeps the file's own
+    type, e.g. Q4_0; lowbit stores them like the head, the larger and safer table.)"""
     chosen = inputs.extra.get("embedding_type")
     float_type = inputs.extra.get("float_type", "f16")
+    kind = _gguf_type(inputs)
     if chosen is None:
-        chosen = float_type if _gguf_type(inputs) == "f16" else "q8_0"
+        if kind == "f16":
+            chosen = float_type
+        elif kind != "q8_0" and row_length is not None and row_length % BLOCK_VALUES["q6_k"] == 0:
+            chosen = "q6_k"
+        else:
+            chosen = "q8_0"
     if chosen not in EMBEDDING_TYPES:
         raise ExportError(f"unknown embedding type {chosen!r}; choose one of {', '.join(EMBEDDING_TYPES)}")
     return chosen
@@ -183,8 +193,8 @@ def stored_type(name: str, tensor: Tensor, inputs: ExportInputs) -> str:
     if tensor.dim() == 1:
         return "f32"
     if gguf_name(name) in EMBEDDING_TENSORS:
-        kind = embedding_type(inputs)
-        if kind != "q8_0" or tensor.shape[-1] % 32 == 0:  # rows that are not whole Q8_0 blocks stay float
+        kind = embedding_type(inputs, tensor.shape[-1])
+        if tensor.shape[-1] % BLOCK_VALUES.get(kind, 1) == 0:  # rows that are not whole blocks stay float
             return kind
     return inputs.extra.get("float_type", "f16")
 
@@ -221,13 +231,27 @@ def check(inputs: ExportInputs) -> None:
         _check_bitnet(inputs)
     for name in [*inputs.state, *inputs.quantized]:
         gguf_name(name)
-    embedding_type(inputs)  # a known name
-    if inputs.extra.get("embedding_type") == "q8_0":  # asked for (the default falls back to the float type)
+    asked = embedding_type(inputs)  # a known name
+    for name, tensor in inputs.state.items():
+        if gguf_name(name) in EMBEDDING_TENSORS and not torch.isfinite(tensor).all():
+            raise ExportError(
+                f"{name} holds NaN or infinite values: the file would not compute anything; export a checkpoint "
+                "from before the values diverged (lowbit export RUN/checkpoints/checkpoint-N)"
+            )
+    if (
+        inputs.extra.get("embedding_type") in BLOCK_VALUES
+    ):  # asked for (the default falls back to the float type)
+        block = BLOCK_VALUES[asked]
         for name, tensor in inputs.state.items():
-            if gguf_name(name) in EMBEDDING_TENSORS and tensor.shape[-1] % 32:
+            if gguf_name(name) in EMBEDDING_TENSORS and tensor.shape[-1] % block:
+                fix = (
+                    "q8_0 or f16"
+                    if asked == "q6_k" and tensor.shape[-1] % BLOCK_VALUES["q8_0"] == 0
+                    else "f16"
+                )
                 raise ExportError(
-                    f"--embedding-type q8_0: rows of {name} hold {tensor.shape[-1]} values, not whole 32-value "
-                    "Q8_0 blocks; store it as f16 (--embedding-type f16)"
+                    f"--embedding-type {asked}: rows of {name} hold {tensor.shape[-1]} values, not whole {block}-value "
+                    f"{asked.upper()} blocks; store it as {fix} (--embedding-type {fix.split()[0]})"
                 )
     if kind == "f16":
         return
@@ -382,6 +406,10 @@ def write(inputs: ExportInputs, out: Path) -> None:
         if storage == "q8_0":  # gguf's own Q8_0 quantizer: llama-quantize's bytes
             data = gguf_quants.quantize(tensor.float().numpy(), GGMLQuantizationType.Q8_0)
             writer.add_tensor(target, data, raw_shape=data.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+            continue
+        if storage == "q6_k":  # ggml's quantize_row_q6_K_ref, ported (gguf only reads Q6_K): the same bytes
+            data = quantize_q6_k(tensor.float().numpy())
+            writer.add_tensor(target, data, raw_shape=data.shape, raw_dtype=GGMLQuantizationType.Q6_K)
             continue
         array, qtype = _float_array(tensor, storage)
         writer.add_tensor(target, array, raw_shape=array.shape, raw_dtype=qtype)

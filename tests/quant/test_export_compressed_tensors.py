@@ -215,7 +215,7 @@ def test_mixed_schemes_become_config_groups_and_tied_head_is_ignored(tmp_path):
     ("rules", "message"),
     [
         ([{"match": "*", "weight": {"dtype": "int3", "granularity": "group", "group_size": 32}}],
-         r"model.layers.0.self_attn.q_proj.weight is quantized int3 g32 sym: vLLM's compressed-tensors kernels "
+         r"model.layers.0.self_attn.q_proj.weight is quantized int3 g32 sym full: vLLM's compressed-tensors kernels "
          r"take int4 or int8 weights only"),
         ([{"match": "*", "weight": "gguf_q4_0"}], r"llama.cpp's gguf_q4_0 grid .*export it as GGUF"),
         ([{"match": "*", "weight": "nf4"}], r"NF4 is bitsandbytes' grid.*bitsandbytes format"),

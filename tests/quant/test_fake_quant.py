@@ -14,7 +14,8 @@ INT_SPECS = [
     QuantSpec("int8", "channel"),
     QuantSpec("int4", "group", 32),
     QuantSpec("int4", "group", 32, symmetric=False),
-    QuantSpec("int3", "group", 64),
+    QuantSpec("int3", "group", 64, range="restricted"),
+    QuantSpec("int4", "group", 32, range="restricted"),
     QuantSpec("int2", "channel", symmetric=False),
     QuantSpec("int8", "token"),
     QuantSpec("int5", "group", 16, symmetric=False),
@@ -40,7 +41,7 @@ def reference_int_with_steps(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Te
     for block in x.double().reshape(-1, length):
         if spec.symmetric:  # restricted [-(2^(b-1)-1), 2^(b-1)-1]; full [-2^(b-1), 2^(b-1)-1] (torchao's)
             qmax = 2 ** (bits - 1) - 1
-            qmin = -qmax - (spec.range == "full")
+            qmin = -qmax - spec.full_range
             scale = max(float(block.abs().max()) / ((qmax - qmin) / 2), 1e-12)
             codes = torch.clamp(torch.round(block / scale), qmin, qmax)
             out.append(codes * scale)
@@ -85,7 +86,7 @@ def test_integer_grids_match_float64_reference(spec, seed):
 def test_fake_quant_is_idempotent_and_has_at_most_2_to_the_bits_levels():
     x = edge_case_weight(5)
     for spec in INT_SPECS:
-        if spec.range == "full":  # absmax maps past the top code: re-quantizing rescales (not idempotent)
+        if spec.full_range:  # absmax maps past the top code: re-quantizing rescales (not idempotent)
             continue
         once = fake_quantize(x, spec)
         if spec.granularity == "group":
@@ -215,7 +216,7 @@ def test_the_full_range_uses_every_code_and_errs_less_at_low_bits(bits):
 
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(bits))
     full = QuantSpec(f"int{bits}", "group", 64, range="full")
-    restricted = QuantSpec(f"int{bits}", "group", 64)
+    restricted = QuantSpec(f"int{bits}", "group", 64, range="restricted")
     codes_full = fake_quantize_blocks(to_blocks(w, full), full)[2]
     codes_restricted = fake_quantize_blocks(to_blocks(w, restricted), restricted)[2]
     assert codes_full.min() == -(2 ** (bits - 1)) and codes_full.max() == 2 ** (bits - 1) - 1
@@ -223,6 +224,43 @@ def test_the_full_range_uses_every_code_and_errs_less_at_low_bits(bits):
     assert len(torch.unique(codes_full)) == 2**bits and len(torch.unique(codes_restricted)) == 2**bits - 1
     ratio = (fake_quantize(w, restricted) - w).pow(2).mean() / (fake_quantize(w, full) - w).pow(2).mean()
     assert ratio > 1.05 if bits <= 4 else ratio < 1.0, ratio
+
+
+@pytest.mark.parametrize(
+    "spec, full",
+    [
+        (QuantSpec("int2", "tensor"), True),
+        (QuantSpec("int3", "channel"), True),
+        (QuantSpec("int3", "group", 64), True),
+        (QuantSpec("int4", "group", 32), True),
+        (QuantSpec("int4", "group", 128), True),
+        (QuantSpec("int4", "group", 16), False),
+        (QuantSpec("int4", "channel"), False),
+        (QuantSpec("int5", "group", 64), False),
+        (QuantSpec("int8", "channel"), False),
+        (QuantSpec("int8", "token"), False),
+        (QuantSpec("int3", "group", 64, symmetric=False), False),
+        (QuantSpec("int4", "group", 32, range="restricted"), False),
+        (QuantSpec("int4", "channel", range="full"), True),
+        (QuantSpec.preset("w4a8"), True),
+        (QuantSpec.preset("w4a8", "activation"), False),
+        (QuantSpec.preset("w4a16"), True),
+        (QuantSpec.preset("w8a8"), False),
+        (QuantSpec.preset("gguf_q4_0"), False),
+    ],
+    ids=lambda v: v.describe() + f" [{v.range}]" if isinstance(v, QuantSpec) else str(v),
+)
+def test_range_auto_picks_the_grid_that_measured_better(spec, full):
+    """``range: auto`` (the default): full for int2/int3 and int4 in groups of 32+, restricted for
+    int4 g16 / per channel, 5-8 bits, per-token activations and what has no such choice; an explicit
+    range wins. The codes follow: the bottom code is -2^(b-1) exactly when the range is full."""
+    assert spec.full_range is full
+    if spec.dtype.startswith("int") and spec.convention == "default" and spec.granularity != "token":
+        from lowbit.quant.grids import int_range
+
+        bits = int(spec.dtype[3:])
+        if spec.symmetric:
+            assert int_range(spec)[0] == -(2 ** (bits - 1)) + (not full)
 
 
 def test_non_divisible_group_is_a_clear_error():

@@ -116,7 +116,9 @@ def test_llama_cpp_runs_each_type_with_the_models_logits(base, tmp_path, kind):
     inputs = collect(model, byte_tokenizer())
     # quantized types store the other tensors in f32 here, so only the weights' grid is compared
     inputs.extra.update(
-        gguf_type="f16" if kind == "f32" else kind, float_type="f16" if kind == "f16" else "f32"
+        gguf_type="f16" if kind == "f32" else kind,
+        float_type="f16" if kind == "f16" else "f32",
+        embedding_type="f16" if kind == "f16" else "f32",
     )
     path = tmp_path / f"{kind}.gguf"
     gguf.write(inputs, path)
@@ -141,17 +143,19 @@ def test_llama_cpp_runs_a_subln_bitnet_model(base, tmp_path, kind):
     check_logits(model, path, kind)
 
 
-def test_llama_cpp_runs_a_file_with_q8_0_embeddings(base, tmp_path):
-    """The default for quantized files: the tied embeddings stored Q8_0 (as llama-quantize does)."""
+@pytest.mark.parametrize("embedding, stored", [(None, "Q6_K"), ("q8_0", "Q8_0")])
+def test_llama_cpp_runs_a_file_with_quantized_embeddings(base, tmp_path, embedding, stored):
+    """The default for quantized files: the tied embeddings as llama-quantize stores them — Q6_K for
+    rows of whole 256-value blocks (this model's), Q8_0 when asked (or when rows are not)."""
     model = copy.deepcopy(base)
     quantize_model(model, [{"match": "*", "weight": "gguf_q4_0"}])
     inputs = collect(model, byte_tokenizer())
-    inputs.extra.update(gguf_type="q4_0", float_type="f32")
+    inputs.extra.update(gguf_type="q4_0", float_type="f32", embedding_type=embedding)
     path = tmp_path / "q4_0.gguf"
     gguf.write(inputs, path)
     assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}[
         "token_embd.weight"
-    ] == "Q8_0"
+    ] == stored
     with torch.no_grad():  # our model with the embeddings the file holds
         model.model.embed_tokens.weight.copy_(gguf.read(path)["model.embed_tokens.weight"])
     check_logits(model, path, "q4_0")

@@ -91,7 +91,7 @@ def test_a_full_range_ptq_scheme_exports_exactly_with_every_code(pretrained_tiny
     codes = unpack_from_int32(packed, 4, torch.Size([64, 128]))  # the library unpacks to signed codes
     assert int(codes.min()) == -8 and int(codes.max()) == 7  # all 16 levels: [-8, 7]
     assert main([*args, "int4-g32-wide", "--overwrite"]) == 2
-    assert "DTYPE-gN|channel|tensor[-asym|-full]" in capsys.readouterr().err
+    assert "DTYPE-gN|channel|tensor[-asym|-full|-restricted]" in capsys.readouterr().err
 
 
 def test_a_format_that_cannot_hold_the_model_leaves_no_file(qat_run, tmp_path, capsys):

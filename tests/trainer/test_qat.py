@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,9 +62,13 @@ def test_schedule_enables_fake_quant_after_n_steps_and_freezes_scales(tiny_confi
 
 
 def test_qat_recovers_ptq_loss_and_logs_recovered(tiny_config, tmp_path, pretrained_tiny):
-    # Start from a "pretrained" float model, so that PTQ to int2 really hurts it.
+    # Start from a "pretrained" float model, so that PTQ to int2 really hurts it (the restricted int2
+    # grid: 3 levels; the full one's 4 levels lose only ~0.2% perplexity on this tiny model).
     model_dir = pretrained_tiny
-    qat = tiny_config(INT2.replace("model.layers.*", "*"), "quant.quantize_head=true", "model.config=null", "model.tokenizer=null", f"model.path={model_dir}",
+    int2_restricted = INT2.replace("model.layers.*", "*").replace(
+        "group_size: 32}", "group_size: 32, range: restricted}"
+    )
+    qat = tiny_config(int2_restricted, "quant.quantize_head=true", "model.config=null", "model.tokenizer=null", f"model.path={model_dir}",
                       "train.max_steps=30", "train.lr=1e-3", "train.warmup_steps=0", "eval.every_steps=15",
                       run_dir=tmp_path / "qat")  # fmt: skip
     result = train(qat)
@@ -143,3 +148,57 @@ def test_recovered_is_reported_only_when_ptq_lost_something_and_printed_as_a_per
     assert recovered(9.0, {"val_ppl_float": 10.0, "val_ppl_ptq": 10.05}) is None  # gap 0.5% of float: noise
     assert recovered(9.0, {"val_ppl_float": 10.0, "val_ppl_ptq": 9.0}) is None  # PTQ no worse than float
     assert format_metrics({"val_ppl": 11.0, "recovered": 0.8734}) == "val_ppl 11.0000  recovered 87.3%"
+
+
+def _rewrite_state(checkpoint, edit) -> None:
+    """Change a checkpoint's trainer_state.json and re-seal its manifest (what an older lowbit wrote)."""
+    from lowbit.trainer.checkpoint import MANIFEST, STATE_FILE
+    from lowbit.trainer.hashing import file_sha256
+
+    path = checkpoint / STATE_FILE
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state, indent=2))
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"][STATE_FILE].update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def test_a_resume_or_export_continues_only_on_the_grids_the_checkpoint_trained_on(
+    tiny_config, caplog, tmp_path
+):
+    """``range: auto`` resolves an unset range to full for int4 g32, where lowbit before auto used
+    the restricted grid: a checkpoint records its grids, and one without the record (written before
+    auto) is read as restricted. Resuming or exporting it on the full grid is refused with the fix,
+    which works; a deliberate rule change under checkpoint.allow_config_change only warns."""
+    from lowbit.trainer.cli import main
+
+    rule = 'quant={rules: [{match: "model.layers.*", weight: {dtype: int4, granularity: group, group_size: 32}}]}'
+    explicit = rule.replace("group_size: 32}", "group_size: 32, range: restricted}")
+    steps = ("train.warmup_steps=0", "checkpoint.every_steps=2", "eval.every_steps=0")
+    allow = "checkpoint.allow_config_change=true"
+    cfg = tiny_config("train.max_steps=2", *steps, rule)
+    train(cfg)
+    run_dir = Path(cfg.run.output_dir)
+    checkpoint = run_dir / "checkpoints" / "checkpoint-000002"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["quant_grids"] == ["int4 g32 sym full"]
+    Trainer(tiny_config("train.max_steps=3", *steps, rule)).close()  # same grids: resumes
+    with caplog.at_level("WARNING", logger="lowbit"):  # changed on purpose: a warning
+        Trainer(tiny_config("train.max_steps=3", *steps, explicit, allow)).close()
+    assert (
+        "trained on the grids int4 g32 sym full but this model computes int4 g32 sym (the quant"
+        in caplog.text
+    )
+    _rewrite_state(checkpoint, lambda state: state.pop("quant_grids"))  # as written before range: auto
+    refused = r"int4 g32 sym but this model computes int4 g32 sym full.*range: restricted"
+    for extra in ((), (allow,)):  # the config did not change: allow_config_change does not cover it
+        with pytest.raises(UserError, match=refused):
+            Trainer(tiny_config("train.max_steps=3", *steps, rule, *extra))
+    resumed = Trainer(tiny_config("train.max_steps=3", *steps, explicit, allow))  # the fix the message names
+    assert resumed.step == 2
+    resumed.close()
+    # export reads the same record: refused, then the quant.rules override the message names works
+    out = ["--format", "compressed-tensors", "--out", str(tmp_path / "ct")]
+    assert main(["export", str(run_dir), *out]) == 2
+    override = explicit.replace("quant={rules: ", "quant.rules=")[:-1]
+    assert main(["export", str(run_dir), override, *out]) == 0
