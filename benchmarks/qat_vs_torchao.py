@@ -18,7 +18,8 @@ Arms per scheme:
 * ``lowbit, torchao's grid``: lowbit's fake quant on the same grid (``range: full``, asymmetric
   per-token activations, clipped STE), cross-entropy — the like-for-like check;
 * ``lowbit QAD``: the same grid, trained by distillation (forward KL, T = 1) from the float model
-  fine-tuned on this data in the same run (``float FT``) — ModelOpt's QAT→QAD recipe.
+  fine-tuned on this data in the same run (``float FT``) — ModelOpt's QAT→QAD recipe;
+* ``lowbit QAD + LSQ``: the same, with learned weight scales (LSQ, started on the same grid).
 
     recovered vs FT = (ppl_ptq − ppl_qat) / (ppl_ptq − ppl_float_FT),  ppl_ptq = torchao's PTQ
 
@@ -55,7 +56,7 @@ LOWBIT_GRIDS = {  # lowbit's spelling of each torchao scheme (the same grid, ele
     "int4_channel": "{match: '*', weight: {dtype: int4, granularity: channel, range: full, ste: clipped}}",
     "int3_g64": "{match: '*', weight: {dtype: int3, granularity: group, group_size: 64, range: full, ste: clipped}}",
 }
-ARMS = ("torchao", "lowbit_grid", "lowbit_qad")
+ARMS = ("torchao", "lowbit_grid", "lowbit_qad", "lowbit_qad_lsq")
 
 
 def arm_overrides(arm: str, scheme: str, teacher: Path) -> list[str]:
@@ -64,7 +65,9 @@ def arm_overrides(arm: str, scheme: str, teacher: Path) -> list[str]:
         return ["eval.at_start=true", f"imports=[{ROOT / 'benchmarks' / 'torchao_arm.py'}]"]
     if arm == "lowbit_grid":
         return ["eval.at_start=false", rules]
-    if arm == "lowbit_qad":
+    if arm in ("lowbit_qad", "lowbit_qad_lsq"):
+        if arm == "lowbit_qad_lsq":  # + learned weight scales (LSQ), initialised on the same grid
+            rules = rules.replace("ste: clipped}", "ste: clipped, learn_scale: true}", 1)  # the weight's
         return ["eval.at_start=false", rules, f"teacher.path={teacher}",
                 "loss=[{kind: kd_kl, weight: 1.0, temperature: 1.0}]"]  # fmt: skip
     raise ValueError(arm)
@@ -79,30 +82,30 @@ def recovered(ptq: float, qat: float, reference: float) -> float:
     return (ptq - qat) / (ptq - reference)
 
 
+ARM_NAMES = {"torchao": "torchao", "lowbit_grid": "lowbit (torchao's grid)", "lowbit_qad": "lowbit QAD",
+             "lowbit_qad_lsq": "lowbit QAD + LSQ"}  # fmt: skip
+
+
 def table(results: dict) -> str:
+    """Markdown: float / PTQ, then each arm's QAT perplexity and recovered vs the float fine-tune."""
     float_ft = results["float"]["ft"]
-    head = ["scheme", "float", "float FT", "PTQ torchao", "PTQ lowbit", "QAT torchao",
-            "QAT lowbit (torchao's grid)", "QAD lowbit", "recovered vs FT: torchao / lowbit grid / QAD"]  # fmt: skip
+    arms_run = [arm for arm in ARMS if any(arm in arms for arms in results["schemes"].values())]
+    head = ["scheme", "float", "float FT", "PTQ torchao", "PTQ lowbit",
+            *(f"QAT {ARM_NAMES[arm]}" for arm in arms_run), *(f"recovered vs FT, {ARM_NAMES[arm]}" for arm in arms_run)]  # fmt: skip
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def cell(arms: dict, arm: str, key: str) -> str:
-        value = arms.get(arm, {}).get(key)
-        return "—" if value is None else f"{value:.2f}"
-
     for scheme, arms in results["schemes"].items():
         ptq = arms.get("torchao", {}).get("ptq")
-
+        lowbit_ptq = arms.get("lowbit_grid", {}).get("ptq")
+        qat = [f"{arms[arm]['qat']:.2f}" if arm in arms else "—" for arm in arms_run]
         rec = [
-            "—"
-            if ptq is None or arm not in arms
-            else f"{100 * recovered(ptq, arms[arm]['qat'], float_ft):.1f}%"
-            for arm in ARMS
+            f"{100 * recovered(ptq, arms[arm]['qat'], float_ft):.1f}%"
+            if arm in arms and ptq is not None
+            else "—"
+            for arm in arms_run
         ]
-        rows.append(
-            f"| {scheme} | {results['float']['start']:.2f} | {float_ft:.2f} | {cell(arms, 'torchao', 'ptq')} | "
-            f"{cell(arms, 'lowbit_grid', 'ptq')} | {cell(arms, 'torchao', 'qat')} | {cell(arms, 'lowbit_grid', 'qat')} | "
-            f"{cell(arms, 'lowbit_qad', 'qat')} | {' / '.join(rec)} |"
-        )
+        cells = [scheme, f"{results['float']['start']:.2f}", f"{float_ft:.2f}",
+                 "—" if ptq is None else f"{ptq:.2f}", "—" if lowbit_ptq is None else f"{lowbit_ptq:.2f}", *qat, *rec]  # fmt: skip
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
