@@ -138,7 +138,7 @@ def quantize(blocks: Tensor, params: QParams, spec: QuantSpec) -> Tensor:
         return torch.trunc((blocks - params.offset) * _reciprocal_or_zero(scale) + 0.5).clamp(0, 15)
     if spec.dtype in INT_BITS:
         qmin, qmax = int_range(spec)
-        if spec.symmetric and spec.full_range and spec.granularity != "token":
+        if spec.full_range and spec.granularity != "token":  # (full implies symmetric)
             # A negative absmax lands on the tie -(qmax + 0.5): its code would hang on the scale's last
             # bit, which devices compute differently (CUDA divides by a scalar as a reciprocal
             # multiply), and a weight trained on CUDA is exported on the CPU. It takes the grid's end
