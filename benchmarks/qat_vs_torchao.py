@@ -17,17 +17,28 @@ Arms per scheme:
   per-token asymmetric activations; int4 per channel; int3 g64), trained with cross-entropy;
 * ``lowbit, torchao's grid``: lowbit's fake quant on the same grid (``range: full``, asymmetric
   per-token activations, clipped STE), cross-entropy — the like-for-like check;
+* ``lowbit, plain STE`` / ``lowbit, betas 0.95``: that arm with one setting changed — the
+  gradient passed past the grid's clip (lowbit's default ``ste``), or AdamW's β2 = 0.95 (lowbit's
+  ``train.betas`` default) — two of the causes issue 14 named, measured on their own;
+* ``lowbit, restricted range``: that arm on lowbit's restricted grid (codes ±(2^(b-1)-1), scale
+  absmax/(2^(b-1)-1)) — what ``range: auto`` picks for int4 per channel, measured in QAT;
+* ``lowbit, LSQ (MSE init)``: that arm with learned weight scales started from the clipping ratio
+  that minimises each group's squared error (``qat_int3_lsq.yaml``'s weight spec);
 * ``lowbit QAD``: the same grid, trained by distillation (forward KL, T = 1) from the float model
   fine-tuned on this data in the same run (``float FT``) — ModelOpt's QAT→QAD recipe;
-* ``lowbit QAD + LSQ``: the same, with learned weight scales (LSQ, started on the same grid).
+* ``lowbit QAD + LSQ``: the same, with learned weight scales (LSQ, started on the same grid);
+* ``lowbit QAD, self``: distillation from the unfine-tuned float model the student starts from
+  (self-distillation; ModelOpt's QAD recipe when no fine-tuned teacher exists);
+* ``lowbit QAD, float warm-up``: QAD whose fake quant turns on after 10 float steps (the student
+  first distils in float, then 50 steps quantized: the same 60-step budget).
 
     recovered vs FT = (ppl_ptq − ppl_qat) / (ppl_ptq − ppl_float_FT),  ppl_ptq = torchao's PTQ
 
 (one reference PTQ per scheme — round-to-nearest on the scheme's grid, the same for every arm —
 so a lower number means a better model, whatever the arm's own start).
 
-    python benchmarks/qat_vs_torchao.py                     # ~2 h on a 2-core CPU
-    python benchmarks/qat_vs_torchao.py --schemes w4a8 --arms torchao lowbit_grid --reuse
+    python benchmarks/qat_vs_torchao.py        # the main arms, 3 schemes: ~2.5 h on a 2-core CPU
+    python benchmarks/qat_vs_torchao.py --schemes w4a8 --arms lowbit_qad_warmup --reuse   # a lever
 """
 
 from __future__ import annotations
@@ -56,19 +67,49 @@ LOWBIT_GRIDS = {  # lowbit's spelling of each torchao scheme (the same grid, ele
     "int4_channel": "{match: '*', weight: {dtype: int4, granularity: channel, range: full, ste: clipped}}",
     "int3_g64": "{match: '*', weight: {dtype: int3, granularity: group, group_size: 64, range: full, ste: clipped}}",
 }
-ARMS = ("torchao", "lowbit_grid", "lowbit_qad", "lowbit_qad_lsq")
+ARMS = (
+    "torchao",
+    "lowbit_grid",
+    "lowbit_grid_plain_ste",
+    "lowbit_grid_betas_095",
+    "lowbit_grid_restricted",
+    "lowbit_lsq_mse",
+    "lowbit_qad",
+    "lowbit_qad_lsq",
+    "lowbit_qad_self",
+    "lowbit_qad_warmup",
+)
+WARMUP_FLOAT_STEPS = 10
 
 
-def arm_overrides(arm: str, scheme: str, teacher: Path) -> list[str]:
+def arm_overrides(arm: str, scheme: str, teacher: Path | str) -> list[str]:
     rules = f"quant={{rules: [{LOWBIT_GRIDS[scheme]}]}}"
     if arm == "torchao":
         return ["eval.at_start=true", f"imports=[{ROOT / 'benchmarks' / 'torchao_arm.py'}]"]
     if arm == "lowbit_grid":
         return ["eval.at_start=false", rules]
-    if arm in ("lowbit_qad", "lowbit_qad_lsq"):
+    if arm == "lowbit_grid_plain_ste":
+        return ["eval.at_start=false", rules.replace("ste: clipped", "ste: plain")]
+    if arm == "lowbit_grid_betas_095":
+        return ["eval.at_start=false", rules, "train.betas=[0.9,0.95]"]
+    if arm == "lowbit_grid_restricted":  # the weight's grid (activations have no full-range choice)
+        return ["eval.at_start=false", rules.replace("range: full", "range: restricted", 1)]
+    if arm == "lowbit_lsq_mse":  # the weight's spec only
+        return [
+            "eval.at_start=false",
+            rules.replace("ste: clipped}", "ste: clipped, learn_scale: true, scale_init: mse}", 1),
+        ]
+    if arm.startswith("lowbit_qad"):
+        lever = []
         if arm == "lowbit_qad_lsq":  # + learned weight scales (LSQ), initialised on the same grid
             rules = rules.replace("ste: clipped}", "ste: clipped, learn_scale: true}", 1)  # the weight's
-        return ["eval.at_start=false", rules, f"teacher.path={teacher}",
+        elif arm == "lowbit_qad_self":  # the teacher is the model the student starts from
+            teacher = "${model.path}"
+        elif arm == "lowbit_qad_warmup":
+            lever = [f"quant.enable_after_steps={WARMUP_FLOAT_STEPS}"]
+        elif arm != "lowbit_qad":
+            raise ValueError(arm)
+        return ["eval.at_start=false", rules, *lever, f"teacher.path={teacher}",
                 "loss=[{kind: kd_kl, weight: 1.0, temperature: 1.0}]"]  # fmt: skip
     raise ValueError(arm)
 
@@ -82,37 +123,75 @@ def recovered(ptq: float, qat: float, reference: float) -> float:
     return (ptq - qat) / (ptq - reference)
 
 
-ARM_NAMES = {"torchao": "torchao", "lowbit_grid": "lowbit (torchao's grid)", "lowbit_qad": "lowbit QAD",
-             "lowbit_qad_lsq": "lowbit QAD + LSQ"}  # fmt: skip
+ARM_NAMES = {"torchao": "torchao", "lowbit_grid": "lowbit (torchao's grid)",
+             "lowbit_grid_plain_ste": "lowbit, plain STE", "lowbit_grid_betas_095": "lowbit, betas 0.95",
+             "lowbit_grid_restricted": "lowbit, restricted range", "lowbit_lsq_mse": "lowbit, LSQ (MSE init)",
+             "lowbit_qad": "lowbit QAD",
+             "lowbit_qad_lsq": "lowbit QAD + LSQ", "lowbit_qad_self": "lowbit QAD, self",
+             "lowbit_qad_warmup": "lowbit QAD, float warm-up"}  # fmt: skip
+
+
+MAIN_ARMS = ("torchao", "lowbit_grid", "lowbit_qad")
+LEVER_BASE = {  # each lever arm -> the arm it changes one thing of
+    "lowbit_grid_plain_ste": "lowbit_grid", "lowbit_grid_betas_095": "lowbit_grid",
+    "lowbit_grid_restricted": "lowbit_grid", "lowbit_lsq_mse": "lowbit_grid",
+    "lowbit_qad_lsq": "lowbit_qad", "lowbit_qad_self": "lowbit_qad", "lowbit_qad_warmup": "lowbit_qad",
+}  # fmt: skip
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [head, ["---"] * len(head), *rows])
+
+
+def _recovered_cell(arms: dict, arm: str, float_ft: float) -> str:
+    ptq = arms.get("torchao", {}).get("ptq")
+    return (
+        "—" if ptq is None or arm not in arms else f"{100 * recovered(ptq, arms[arm]['qat'], float_ft):.1f}%"
+    )
 
 
 def table(results: dict) -> str:
-    """Markdown: float / PTQ, then each arm's QAT perplexity and recovered vs the float fine-tune."""
+    """Markdown: float / PTQ, then each main arm's QAT perplexity and recovered vs the float fine-tune."""
     float_ft = results["float"]["ft"]
-    arms_run = [arm for arm in ARMS if any(arm in arms for arms in results["schemes"].values())]
     head = ["scheme", "float", "float FT", "PTQ torchao", "PTQ lowbit",
-            *(f"QAT {ARM_NAMES[arm]}" for arm in arms_run), *(f"recovered vs FT, {ARM_NAMES[arm]}" for arm in arms_run)]  # fmt: skip
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            *(f"QAT {ARM_NAMES[arm]}" for arm in MAIN_ARMS), *(f"recovered vs FT, {ARM_NAMES[arm]}" for arm in MAIN_ARMS)]  # fmt: skip
+    rows = []
     for scheme, arms in results["schemes"].items():
         ptq = arms.get("torchao", {}).get("ptq")
         lowbit_ptq = arms.get("lowbit_grid", {}).get("ptq")
-        qat = [f"{arms[arm]['qat']:.2f}" if arm in arms else "—" for arm in arms_run]
-        rec = [
-            f"{100 * recovered(ptq, arms[arm]['qat'], float_ft):.1f}%"
-            if arm in arms and ptq is not None
-            else "—"
-            for arm in arms_run
-        ]
-        cells = [scheme, f"{results['float']['start']:.2f}", f"{float_ft:.2f}",
-                 "—" if ptq is None else f"{ptq:.2f}", "—" if lowbit_ptq is None else f"{lowbit_ptq:.2f}", *qat, *rec]  # fmt: skip
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append([scheme, f"{results['float']['start']:.2f}", f"{float_ft:.2f}",
+                     "—" if ptq is None else f"{ptq:.2f}", "—" if lowbit_ptq is None else f"{lowbit_ptq:.2f}",
+                     *(f"{arms[arm]['qat']:.2f}" if arm in arms else "—" for arm in MAIN_ARMS),
+                     *(_recovered_cell(arms, arm, float_ft) for arm in MAIN_ARMS)])  # fmt: skip
+    return _markdown(head, rows)
+
+
+def lever_table(results: dict) -> str:
+    """Markdown: each lever arm run against the arm it changes one setting of."""
+    float_ft = results["float"]["ft"]
+    head = [
+        "scheme",
+        "lever",
+        "changes",
+        "QAT of that arm",
+        "QAT with the lever",
+        "Δ perplexity",
+        "recovered vs FT",
+    ]
+    rows = []
+    for scheme, arms in results["schemes"].items():
+        for lever, base in LEVER_BASE.items():
+            if lever in arms and base in arms:
+                before, after = arms[base]["qat"], arms[lever]["qat"]
+                rows.append([scheme, ARM_NAMES[lever], ARM_NAMES[base], f"{before:.2f}", f"{after:.2f}",
+                             f"{after - before:+.2f}", _recovered_cell(arms, lever, float_ft)])  # fmt: skip
+    return _markdown(head, rows)
 
 
 def main() -> None:
     def options(parser):
         parser.add_argument("--schemes", nargs="*", default=list(LOWBIT_GRIDS), choices=list(LOWBIT_GRIDS))
-        parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+        parser.add_argument("--arms", nargs="*", default=list(MAIN_ARMS), choices=list(ARMS))
         parser.add_argument("--recipe", default="quickstart.yaml", help="base config (model and data)")
         parser.add_argument(
             "--set", nargs="*", default=[], help="extra overrides for every run (smoke tests)"
@@ -161,6 +240,8 @@ def main() -> None:
                 f"{scheme}: step-1 loss torchao {a:.6f}, lowbit on torchao's grid {b:.6f} (same batch; grids equal but at torchao's ties)"
             )
     print(table(results))
+    print()
+    print(lever_table(results))
 
 
 if __name__ == "__main__":

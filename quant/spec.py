@@ -26,14 +26,15 @@ RANGES = ("auto", "restricted", "full")
 def auto_range(spec: QuantSpec) -> str:
     """The symmetric range ``range: auto`` picks, as measured on SmolLM2-135M (README, QAT).
 
-    Full where it rounds real weights closer and perplexity agrees: every int2/int3 grid (the
-    restricted one wastes a third and an eighth of the codes; squared error 1.7-1.9× and
-    1.1-1.3× the full one's, int3 g64 PTQ perplexity 172 → 116) and int4 in groups of 32 or more
-    (1.05-1.12×; int4 g32 PTQ 31.0 → 30.0). Restricted elsewhere: int4 g16 (0.93×), int4 per channel
-    (1.14× in weight error, yet perplexity 46.0 restricted vs 47.9 full: the clipped positive
-    absmax is the salient outlier of a whole row), 5-8 bits (within 0.83-1.06×; what int8 kernels
-    compute), per-token activations (vLLM divides by 127), and every grid the choice does not
-    apply to (asymmetric, fp8, nf4, ternary, file formats). ``benchmarks/grid_range.py`` prints the table.
+    Full where training on it ends lower: every int2/int3 grid (the restricted one wastes a third
+    and an eighth of the codes; squared error 1.7-1.9× and 1.1-1.3× the full one's, int3 g64 PTQ
+    perplexity 172 → 116), int4 in groups of 32 or more (1.05-1.12×; int4 g32 PTQ 31.0 → 30.0) and
+    int4 per channel — there PTQ prefers restricted (46.0 vs 47.9: the full grid clips a row's
+    positive absmax, its salient outlier) but QAT on the full grid ends lower (27.98 vs 28.87 on
+    ``benchmarks/qat_vs_torchao.py``), and QAT is what this grid is trained for. Restricted
+    elsewhere: int4 g16 (0.93×), 5-8 bits (within 0.83-1.06×; what int8 kernels compute),
+    per-token activations (vLLM divides by 127), and every grid the choice does not apply to
+    (asymmetric, fp8, nf4, ternary, file formats). ``benchmarks/grid_range.py`` prints the table.
     """
     if not (spec.dtype in INT_BITS and spec.symmetric and spec.convention == "default"):
         return "restricted"
@@ -42,7 +43,9 @@ def auto_range(spec: QuantSpec) -> str:
         return "restricted"
     if bits <= 3:
         return "full"
-    if bits == 4 and spec.granularity == "group" and (spec.group_size or 0) >= 32:
+    if bits == 4 and (
+        spec.granularity == "channel" or (spec.granularity == "group" and (spec.group_size or 0) >= 32)
+    ):
         return "full"
     return "restricted"
 

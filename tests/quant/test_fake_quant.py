@@ -235,13 +235,14 @@ def test_the_full_range_uses_every_code_and_errs_less_at_low_bits(bits):
         (QuantSpec("int4", "group", 32), True),
         (QuantSpec("int4", "group", 128), True),
         (QuantSpec("int4", "group", 16), False),
-        (QuantSpec("int4", "channel"), False),
+        (QuantSpec("int4", "channel"), True),
+        (QuantSpec("int4", "channel", range="restricted"), False),
+        (QuantSpec("int4", "tensor"), False),
         (QuantSpec("int5", "group", 64), False),
         (QuantSpec("int8", "channel"), False),
         (QuantSpec("int8", "token"), False),
         (QuantSpec("int3", "group", 64, symmetric=False), False),
         (QuantSpec("int4", "group", 32, range="restricted"), False),
-        (QuantSpec("int4", "channel", range="full"), True),
         (QuantSpec.preset("w4a8"), True),
         (QuantSpec.preset("w4a8", "activation"), False),
         (QuantSpec.preset("w4a16"), True),
@@ -251,8 +252,9 @@ def test_the_full_range_uses_every_code_and_errs_less_at_low_bits(bits):
     ids=lambda v: v.describe() + f" [{v.range}]" if isinstance(v, QuantSpec) else str(v),
 )
 def test_range_auto_picks_the_grid_that_measured_better(spec, full):
-    """``range: auto`` (the default): full for int2/int3 and int4 in groups of 32+, restricted for
-    int4 g16 / per channel, 5-8 bits, per-token activations and what has no such choice; an explicit
+    """``range: auto`` (the default): full for int2/int3, int4 per channel and in groups of 32+,
+    restricted for int4 g16 / per tensor, 5-8 bits, per-token activations and what has no such
+    choice; an explicit
     range wins. The codes follow: the bottom code is -2^(b-1) exactly when the range is full."""
     assert spec.full_range is full
     if spec.dtype.startswith("int") and spec.convention == "default" and spec.granularity != "token":
