@@ -37,7 +37,7 @@ Arms per scheme:
 (one reference PTQ per scheme — round-to-nearest on the scheme's grid, the same for every arm —
 so a lower number means a better model, whatever the arm's own start).
 
-    python benchmarks/qat_vs_torchao.py        # the main arms, 3 schemes: ~2.5 h on a 2-core CPU
+    python benchmarks/qat_vs_torchao.py        # the main arms, 3 schemes: ~2.2 h on a 2-core CPU
     python benchmarks/qat_vs_torchao.py --schemes w4a8 --arms lowbit_qad_warmup --reuse   # a lever
 """
 

@@ -302,9 +302,10 @@ def check_quant_grids(
         return
     raise UserError(
         f"{what}: the quant rules or lowbit's defaults changed (an unset range was restricted before range: "
-        "auto, and int4 per channel until auto chose full there). Give each rule the range it trained with (e.g. range: restricted) — to resume, in the config "
-        "with checkpoint.allow_config_change=true; for lowbit export / eval / generate, as a quant.rules "
-        "override — or start a new run (another run.output_dir)"
+        "auto, and int4 per channel until auto chose full there). Give each rule the range it trained with "
+        "(e.g. range: restricted) — to resume, in the config with checkpoint.allow_config_change=true; "
+        "for lowbit export / eval / generate, as a quant.rules override — or start a new run (another "
+        "run.output_dir)"
     )
 
 

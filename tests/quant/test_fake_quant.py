@@ -254,8 +254,7 @@ def test_the_full_range_uses_every_code_and_errs_less_at_low_bits(bits):
 def test_range_auto_picks_the_grid_that_measured_better(spec, full):
     """``range: auto`` (the default): full for int2/int3, int4 per channel and in groups of 32+,
     restricted for int4 g16 / per tensor, 5-8 bits, per-token activations and what has no such
-    choice; an explicit
-    range wins. The codes follow: the bottom code is -2^(b-1) exactly when the range is full."""
+    choice; an explicit range wins. The codes follow: the bottom code is -2^(b-1) exactly when the range is full."""
     assert spec.full_range is full
     if spec.dtype.startswith("int") and spec.convention == "default" and spec.granularity != "token":
         from lowbit.quant.grids import int_range
