@@ -9,7 +9,15 @@ when ``--float-run`` holds it (else trained here). Files:
   ``llama-quantize``'s tensors from the same weights, tested);
 * ``QAT q4_0 / q4_1``: trained on llama.cpp's own grid with cross-entropy, exported exactly;
 * ``QAD q4_0 / q4_1``: the same grid trained by distillation (forward KL, T = 1) from the float
-  fine-tune — the recipe default this benchmark chose (README, QAT).
+  fine-tune — the loss of ``qat_vs_torchao.py``'s QAD arms;
+* ``QAD from the FT``: the same, with the student started from the fine-tune itself (ModelOpt's
+  deployment recipe: fine-tune in float, round that model, distil it back into the grid) — the
+  arm that measures quantization recovery of *that* model alone: the QAT and QAD arms start from
+  the pretrained model and must learn the fine-tune's data in the same 60 steps;
+* ``QAD from the FT, Q8_0 activations``: that, with llama.cpp's run-time rounding of each matmul's
+  input to Q8_0 blocks in the training forward (``activation: gguf_q8_0``);
+* ``QAD recipe``: ``configs/qad_gguf_q4_0.yaml`` as shipped (that arm at the QAT recipes' optimizer
+  settings: lr 5e-5, 5 warm-up steps, cosine, betas (0.9, 0.95)), on this protocol's data.
 
 Each file is run by llama.cpp (``llama-cpp-python``, built from source) on the same 64 validation
 blocks of 256 tokens that lowbit's eval reads, each block from an empty context; perplexity =
@@ -18,7 +26,10 @@ blocks, so its numbers are the deployed model's, not the fake-quant model's (bot
 
     gap closed = (ppl_PTQ − ppl_QAT) / (ppl_PTQ − ppl_f16)        (all three from llama.cpp)
 
-    python benchmarks/qat_llama_cpp.py --float-run runs/qat_vs_torchao/float_ft      # ~45 min, 2 cores
+    python benchmarks/qat_llama_cpp.py --float-run runs/qat_vs_torchao/float_ft --grids q4_0 --arms qad_ft recipe
+
+(on a 2-core CPU each arm trains in 11-16 min, and llama.cpp scores a file in about a minute;
+every arm on both grids: ~2 h.)
 """
 
 from __future__ import annotations
@@ -34,10 +45,28 @@ from qat_vs_torchao import PROTOCOL
 from recipe_runs import ROOT, quality_setup, run_recipe
 
 GRIDS = ("q4_0", "q4_1")
-ARMS = {  # arm -> extra overrides (the teacher is the float fine-tune's merged export)
-    "qat": lambda teacher: [],
-    "qad": lambda teacher: [f"teacher.path={teacher}", "loss=[{kind: kd_kl, weight: 1.0, temperature: 1.0}]"],
-}
+_KD = "loss=[{kind: kd_kl, weight: 1.0, temperature: 1.0}]"
+
+
+def _rules(grid: str, activations: bool = False) -> str:
+    """The weights on llama.cpp's grid; with ``activations`` also its run-time Q8_0 rounding of each
+    matmul's input (``activation: gguf_q8_0``), so training sees what the deployed model computes."""
+    activation = ", activation: gguf_q8_0" if activations else ""
+    return f"quant={{rules: [{{match: '*', weight: gguf_{grid}{activation}}}]}}"
+
+
+ARMS = {  # arm -> (row name, overrides given the teacher and the grid); teacher = the float FT's export
+    "qat": ("QAT", lambda teacher, grid: [_rules(grid)]),
+    "qad": ("QAD", lambda teacher, grid: [_rules(grid), f"teacher.path={teacher}", _KD]),
+    "qad_ft": ("QAD from the FT",
+               lambda teacher, grid: [_rules(grid), f"teacher.path={teacher}", _KD, f"model.path={teacher}", "model.config=null"]),
+    "qad_ft_a8": ("QAD from the FT, Q8_0 activations",
+                  lambda teacher, grid: [_rules(grid, True), f"teacher.path={teacher}", _KD, f"model.path={teacher}", "model.config=null"]),
+}  # fmt: skip
+# arm -> (row name, recipe, its grid): a shipped recipe run as it is — its own optimizer settings, not
+# the protocol's — on the protocol's data and evaluation, started from (and taught by) the float FT
+RECIPE_ARMS = {"recipe": ("QAD recipe (qad_gguf_q4_0.yaml)", "qad_gguf_q4_0.yaml", "q4_0")}
+OPTIMIZER = ("train.lr=", "train.warmup_steps=", "train.schedule=", "train.betas=")
 
 
 def export(run_dir: Path, fmt: str, out: Path, ptq: bool) -> Path:
@@ -100,7 +129,7 @@ def main() -> None:
             "--float-run", default=None, help="a float fine-tune of this protocol (qat_vs_torchao's)"
         )
         parser.add_argument("--grids", nargs="*", default=list(GRIDS), choices=GRIDS)
-        parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+        parser.add_argument("--arms", nargs="*", default=[*ARMS, *RECIPE_ARMS], choices=[*ARMS, *RECIPE_ARMS])
         parser.add_argument("--recipe", default="quickstart.yaml")
         parser.add_argument(
             "--set", nargs="*", default=[], help="extra overrides for every run (smoke tests)"
@@ -138,12 +167,19 @@ def main() -> None:
             )
             for arm in args.arms:
                 run_dir = runs_dir / f"{arm}_{grid}"
-                rules = f"quant={{rules: [{{match: '*', weight: gguf_{grid}}}]}}"
-                run = run_recipe(
-                    args.recipe, run_dir, [*common, "eval.at_start=false", rules, *ARMS[arm](teacher)], log
-                )
+                if arm in RECIPE_ARMS:
+                    row, recipe, recipe_grid = RECIPE_ARMS[arm]
+                    if grid != recipe_grid:
+                        continue
+                    protocol = [o for o in common if not o.startswith(OPTIMIZER)]
+                    run = run_recipe(recipe, run_dir, [*protocol, f"model.path={teacher}"], log)
+                else:
+                    row, overrides = ARMS[arm]
+                    run = run_recipe(
+                        args.recipe, run_dir, [*common, "eval.at_start=false", *overrides(teacher, grid)], log
+                    )
                 gguf = export(run_dir, f"gguf-{grid}", files / f"{arm}-{grid}.gguf", False)
-                made[f"{arm.upper()} {grid}"] = (run_dir, gguf, run["final"]["val_ppl"])
+                made[f"{row} {grid}"] = (run_dir, gguf, run["final"]["val_ppl"])
         for name, (_, gguf, lowbit_ppl) in made.items():
             results["files"][name] = {
                 "llama_cpp_ppl": llama_cpp_perplexity(gguf, blocks),

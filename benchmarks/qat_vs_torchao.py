@@ -30,7 +30,13 @@ Arms per scheme:
 * ``lowbit QAD, self``: distillation from the unfine-tuned float model the student starts from
   (self-distillation; ModelOpt's QAD recipe when no fine-tuned teacher exists);
 * ``lowbit QAD, float warm-up``: QAD whose fake quant turns on after 10 float steps (the student
-  first distils in float, then 50 steps quantized: the same 60-step budget).
+  first distils in float, then 50 steps quantized: the same 60-step budget);
+* ``lowbit QAD, student from the FT``: QAD whose student starts from the teacher itself, rounded
+  (ModelOpt's deployment recipe: fine-tune in float, quantize that model, distil it back). Every
+  QAD arm pays for the float fine-tune (it is the teacher); this one also starts from it, so its
+  own PTQ is the fine-tune's (its run's ``val_ppl_ptq``), lower than the scheme's reference PTQ;
+* ``lowbit QAD, lr 5e-5 cosine``: QAD at the QAT recipes' optimizer settings (lr 5e-5, 5 warm-up
+  steps, cosine decay) instead of torchao's (1e-5 constant); the teacher stays the 1e-5 fine-tune.
 
     recovered vs FT = (ppl_ptq − ppl_qat) / (ppl_ptq − ppl_float_FT),  ppl_ptq = torchao's PTQ
 
@@ -78,6 +84,8 @@ ARMS = (
     "lowbit_qad_lsq",
     "lowbit_qad_self",
     "lowbit_qad_warmup",
+    "lowbit_qad_from_ft",
+    "lowbit_qad_recipe_lr",
 )
 WARMUP_FLOAT_STEPS = 10
 
@@ -107,6 +115,10 @@ def arm_overrides(arm: str, scheme: str, teacher: Path | str) -> list[str]:
             teacher = "${model.path}"
         elif arm == "lowbit_qad_warmup":
             lever = [f"quant.enable_after_steps={WARMUP_FLOAT_STEPS}"]
+        elif arm == "lowbit_qad_recipe_lr":  # the QAT recipes' optimizer settings (configs/qat_w4a8.yaml)
+            lever = ["train.lr=5.0e-5", "train.warmup_steps=5", "train.schedule=cosine"]
+        elif arm == "lowbit_qad_from_ft":  # the student starts from the teacher: PTQ of it, then QAD
+            lever = [f"model.path={teacher}", "model.config=null"]
         elif arm != "lowbit_qad":
             raise ValueError(arm)
         return ["eval.at_start=false", rules, *lever, f"teacher.path={teacher}",
@@ -128,7 +140,8 @@ ARM_NAMES = {"torchao": "torchao", "lowbit_grid": "lowbit (torchao's grid)",
              "lowbit_grid_restricted": "lowbit, restricted range", "lowbit_lsq_mse": "lowbit, LSQ (MSE init)",
              "lowbit_qad": "lowbit QAD",
              "lowbit_qad_lsq": "lowbit QAD + LSQ", "lowbit_qad_self": "lowbit QAD, self",
-             "lowbit_qad_warmup": "lowbit QAD, float warm-up"}  # fmt: skip
+             "lowbit_qad_warmup": "lowbit QAD, float warm-up", "lowbit_qad_from_ft": "lowbit QAD, student from the FT",
+             "lowbit_qad_recipe_lr": "lowbit QAD, lr 5e-5 cosine"}  # fmt: skip
 
 
 MAIN_ARMS = ("torchao", "lowbit_grid", "lowbit_qad")
@@ -136,6 +149,8 @@ LEVER_BASE = {  # each lever arm -> the arm it changes one thing of
     "lowbit_grid_plain_ste": "lowbit_grid", "lowbit_grid_betas_095": "lowbit_grid",
     "lowbit_grid_restricted": "lowbit_grid", "lowbit_lsq_mse": "lowbit_grid",
     "lowbit_qad_lsq": "lowbit_qad", "lowbit_qad_self": "lowbit_qad", "lowbit_qad_warmup": "lowbit_qad",
+    "lowbit_qad_from_ft": "lowbit_qad",
+    "lowbit_qad_recipe_lr": "lowbit_qad",
 }  # fmt: skip
 
 
@@ -167,24 +182,22 @@ def table(results: dict) -> str:
 
 
 def lever_table(results: dict) -> str:
-    """Markdown: each lever arm run against the arm it changes one setting of."""
+    """Markdown: each lever arm run against the arm it changes one setting of.
+
+    ``recovered vs FT`` measures every arm from the scheme's reference PTQ; ``of its own PTQ gap``
+    from the PTQ of the model the arm starts from (the same but for ``student from the FT``).
+    """
     float_ft = results["float"]["ft"]
-    head = [
-        "scheme",
-        "lever",
-        "changes",
-        "QAT of that arm",
-        "QAT with the lever",
-        "Δ perplexity",
-        "recovered vs FT",
-    ]
+    head = ["scheme", "lever", "changes", "QAT of that arm", "QAT with the lever", "Δ perplexity",
+            "recovered vs FT", "its PTQ", "of its own PTQ gap"]  # fmt: skip
     rows = []
     for scheme, arms in results["schemes"].items():
         for lever, base in LEVER_BASE.items():
             if lever in arms and base in arms:
-                before, after = arms[base]["qat"], arms[lever]["qat"]
+                before, after, own = arms[base]["qat"], arms[lever]["qat"], arms[lever]["ptq"]
                 rows.append([scheme, ARM_NAMES[lever], ARM_NAMES[base], f"{before:.2f}", f"{after:.2f}",
-                             f"{after - before:+.2f}", _recovered_cell(arms, lever, float_ft)])  # fmt: skip
+                             f"{after - before:+.2f}", _recovered_cell(arms, lever, float_ft),
+                             f"{own:.2f}", f"{100 * recovered(own, after, float_ft):.1f}%"])  # fmt: skip
     return _markdown(head, rows)
 
 

@@ -211,10 +211,14 @@ CONVENTION_SHAPES = {
 }
 
 _INT8_TOKEN = QuantSpec(dtype="int8", granularity="token")
+_Q8_0 = QuantSpec("int8", "group", 32, True, "fp16", "gguf_q8_0")
 
 PRESETS: dict[str, dict[str, QuantSpec]] = {
     # llama.cpp block formats: blocks of 32 along a row, fp16 scales, llama.cpp's rounding.
-    "gguf_q8_0": {"weight": QuantSpec("int8", "group", 32, True, "fp16", "gguf_q8_0")},
+    # As an activation (``activation: gguf_q8_0``): what llama.cpp's CPU matmuls do to the input of
+    # every Q8_0/Q4_0/Q4_1 weight at run time (Q4_1's Q8_1 blocks hold the same codes and scales and
+    # a block sum), so QAT trains on the rounding the deployed model computes.
+    "gguf_q8_0": {"weight": _Q8_0, "activation": _Q8_0},
     "gguf_q4_0": {"weight": QuantSpec("int4", "group", 32, True, "fp16", "gguf_q4_0")},
     "gguf_q4_1": {"weight": QuantSpec("int4", "group", 32, False, "fp16", "gguf_q4_1")},
     # Weight-and-activation schemes.

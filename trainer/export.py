@@ -226,10 +226,10 @@ def apply_ptq(model, fmt: str, scheme: str | None) -> None:
     if preset is None:
         raise UserError(f"--ptq: {fmt} stores float weights; there is nothing to quantize")
     if preset in PRESETS:
-        rule = {
-            "match": "*",
-            **{part: preset for part in PRESETS[preset]},
-        }  # its weight (and activation) specs
+        # its weight (and activation) specs; a GGUF file holds weights only (llama.cpp rounds the
+        # activations itself at run time), so a gguf preset's activation half is not applied here
+        parts = ["weight"] if preset.startswith("gguf_") else list(PRESETS[preset])
+        rule = {"match": "*", **{part: preset for part in parts}}
     else:
         rule = {"match": "*", "weight": parse_scheme(preset)}
     try:

@@ -56,6 +56,27 @@ def test_pack_unpack_round_trip_and_gguf_reader(qtype, low, high, block):
     assert np.array_equal(gguf_quants.dequantize(packed, qtype), expected.astype(np.float32))
 
 
+def test_the_gguf_q8_0_activation_rounds_each_input_block_as_llama_cpps_q8_0():
+    """``activation: gguf_q8_0`` feeds a layer the input llama.cpp's matmuls compute with: each
+    32-value block of a row as the gguf library's reference Q8_0 quantizes and dequantizes it (scale
+    amax/127 stored fp16, codes rounded half away from zero) — bit for bit, a zero block and
+    outliers spanning six decades included; the layer's output is its weight applied to that."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((3, 5, 96)) * 10.0 ** rng.integers(-3, 3, (3, 5, 1))).astype(np.float32)
+    x[0, 0, :32] = 0.0
+    x[1, 2, 40] = 3e4
+    linear = torch.nn.Sequential(torch.nn.Linear(96, 8, bias=False))
+    quantize_model(linear, [{"match": "*", "weight": "gguf_q4_0", "activation": "gguf_q8_0"}])
+    layer = linear[0]
+    rows = x.reshape(-1, 96)
+    expected = gguf_quants.dequantize(gguf_quants.quantize(rows, T.Q8_0), T.Q8_0).reshape(x.shape)
+    with torch.no_grad():
+        rounded = layer.activation_quantizer(torch.from_numpy(x))
+        assert torch.equal(rounded, torch.from_numpy(expected))
+        weight = layer.weight_quantizer(layer.weight)
+        assert torch.equal(layer(torch.from_numpy(x)), torch.nn.functional.linear(rounded, weight))
+
+
 def test_pack_refuses_a_row_that_is_not_whole_blocks():
     with pytest.raises(ValueError, match="blocks of 32"):
         pack_blocks(np.zeros((2, 48), np.int64), np.ones((2, 1), np.float32), T.Q4_0)

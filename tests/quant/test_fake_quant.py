@@ -202,6 +202,8 @@ def test_presets_and_config_forms():
         QuantSpec.preset("w4a9")
     with pytest.raises(ValueError, match="has no activation quantization"):
         QuantSpec.preset("gguf_q4_0", "activation")
+    # llama.cpp's run-time rounding of a matmul's input, as an activation spec
+    assert QuantSpec.preset("gguf_q8_0", "activation") == QuantSpec.preset("gguf_q8_0")
     with pytest.raises(ValueError, match=r"no field 'grup_size'. Did you mean: 'group_size'"):
         QuantSpec.from_config({"dtype": "int4", "grup_size": 32})
 
