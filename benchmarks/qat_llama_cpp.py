@@ -55,13 +55,22 @@ def _rules(grid: str, activations: bool = False) -> str:
     return f"quant={{rules: [{{match: '*', weight: gguf_{grid}{activation}}}]}}"
 
 
+def _from_ft(teacher: Path, grid: str, activations: bool) -> list[str]:
+    """QAD whose student starts from the teacher (the float FT) itself."""
+    return [
+        _rules(grid, activations),
+        f"teacher.path={teacher}",
+        _KD,
+        f"model.path={teacher}",
+        "model.config=null",
+    ]
+
+
 ARMS = {  # arm -> (row name, overrides given the teacher and the grid); teacher = the float FT's export
     "qat": ("QAT", lambda teacher, grid: [_rules(grid)]),
     "qad": ("QAD", lambda teacher, grid: [_rules(grid), f"teacher.path={teacher}", _KD]),
-    "qad_ft": ("QAD from the FT",
-               lambda teacher, grid: [_rules(grid), f"teacher.path={teacher}", _KD, f"model.path={teacher}", "model.config=null"]),
-    "qad_ft_a8": ("QAD from the FT, Q8_0 activations",
-                  lambda teacher, grid: [_rules(grid, True), f"teacher.path={teacher}", _KD, f"model.path={teacher}", "model.config=null"]),
+    "qad_ft": ("QAD from the FT", lambda teacher, grid: _from_ft(teacher, grid, False)),
+    "qad_ft_a8": ("QAD from the FT, Q8_0 activations", lambda teacher, grid: _from_ft(teacher, grid, True)),
 }  # fmt: skip
 # arm -> (row name, recipe, its grid): a shipped recipe run as it is — its own optimizer settings, not
 # the protocol's — on the protocol's data and evaluation, started from (and taught by) the float FT

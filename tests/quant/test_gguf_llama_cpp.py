@@ -84,7 +84,7 @@ def llama_cpp_activations(model, kind: str):
         if not isinstance(module, torch.nn.Linear) or (module is emulated.lm_head and kind != "f16"):
             continue
         if spec is not None:
-            module.activation_quantizer = FakeQuantizer(QuantSpec.from_config(spec, "weight"))
+            module.activation_quantizer = FakeQuantizer(QuantSpec.from_config(spec, "activation"))
         elif kind == "f16":
             module.register_forward_pre_hook(lambda _, args: (args[0].half().float(),))
     return emulated
