@@ -12,6 +12,7 @@ sharded forward vs the unsharded module's. Rank 0 writes the JSON the test reads
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import sys
 
@@ -31,12 +32,11 @@ def nan_patterns(count: int) -> torch.Tensor:
     return data.repeat(-(-count // data.numel()))[:count]
 
 
-def main(out: str) -> None:
+def sharded_run() -> dict:
+    """Shard the planted layer, run it, gather it; what rank 0 writes (every rank computes it)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
     torch.manual_seed(0)
     layer = FrozenNF4Linear.from_linear(nn.Linear(512, 200, bias=True), double_quant=True)
     with torch.no_grad():
@@ -58,18 +58,31 @@ def main(out: str) -> None:
     layer.reshard()
     shares = [None] * dist.get_world_size()
     dist.all_gather_object(shares, local)
-    if rank == 0:
-        result = {
-            "whole": {name: tensor.numel() for name, tensor in planted.items()},
-            "shares": shares,
-            "gathered_equal": gathered,
-            "gathered_dtypes": dtypes,
-            "forward_max_diff": (got.float() - expected.float()).abs().max().item(),
-            "nan_bytes_planted": int(planted["packed"].numel()),
-        }
-        with open(out, "w") as handle:
-            json.dump(result, handle)
-    dist.destroy_process_group()
+    return {
+        "whole": {name: tensor.numel() for name, tensor in planted.items()},
+        "shares": shares,
+        "gathered_equal": gathered,
+        "gathered_dtypes": dtypes,
+        "forward_max_diff": (got.float() - expected.float()).abs().max().item(),
+        "nan_bytes_planted": int(planted["packed"].numel()),
+    }
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    try:
+        result = sharded_run()
+        if dist.get_rank() == 0:
+            with open(out, "w") as handle:
+                json.dump(result, handle)
+        # As engine_runner does: the sharded layer (and its collectives' work objects) is freed and
+        # every rank is here before the group goes. This script used to destroy the group under a
+        # live FSDP module, and twice in ~20 CI runs a rank died in teardown (SIGABRT, "terminate
+        # called without an active exception"); engine_runner's teardown never has.
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
