@@ -279,7 +279,7 @@ def choose_resume(mode: str, run_dir: Path) -> Path | None:
 
 
 def check_quant_grids(
-    state: TrainerState, checkpoint: Path, model: nn.Module, deliberate: bool = False
+    state: TrainerState, checkpoint: Path, model: nn.Module, deliberate: bool = False, reading: bool = False
 ) -> None:
     """Refuse to continue (or export, evaluate) a run on other grids than it trained on.
 
@@ -287,7 +287,9 @@ def check_quant_grids(
     ``range: auto`` existed, and auto picks the full one for some shapes. A checkpoint without the
     record was written before auto, so its grids are the restricted reading of the same rules.
     ``deliberate``: the quant rules were changed on purpose (``checkpoint.allow_config_change``):
-    warn instead.
+    warn instead. ``reading`` (export, eval, generate): a model that computes only some of the
+    trained grids — a rule override that drops a quantizer, e.g. a GGUF export of the weights without
+    the activation rounding llama.cpp does not do — is a choice, not a changed default: warn.
     """
     from lowbit.quant import quant_grids
 
@@ -299,6 +301,9 @@ def check_quant_grids(
             f"{', '.join(grids) or 'none'}")  # fmt: skip
     if deliberate:
         logger.warning("%s (the quant rules changed: checkpoint.allow_config_change)", what)
+        return
+    if reading and set(grids) < set(trained):
+        logger.warning("%s: the quant rules given leave some of the trained quantizers out", what)
         return
     raise UserError(
         f"{what}: the quant rules or lowbit's defaults changed (an unset range was restricted before range: "
@@ -358,5 +363,5 @@ def load_weights(checkpoint: Path, model: nn.Module, same_grids: bool = False) -
         raise UserError(f"checkpoint {checkpoint} cannot be loaded: {problem}")
     state = read_state(checkpoint)
     if same_grids:
-        check_quant_grids(state, checkpoint, model)
+        check_quant_grids(state, checkpoint, model, reading=True)
     read_weights(state.layout, checkpoint, model)

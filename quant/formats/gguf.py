@@ -40,6 +40,7 @@ from lowbit.quant.convert import QuantizedWeight
 from lowbit.quant.formats import ExportError, ExportInputs, has_subln
 from lowbit.quant.packing import QK_TERNARY, pack_blocks
 from lowbit.quant.q6_k import quantize_q6_k
+from lowbit.quant.spec import PRESETS, QuantSpec
 
 # HF model_type -> GGUF architecture. Mistral's dense models use llama.cpp's llama graph.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
@@ -253,6 +254,7 @@ def check(inputs: ExportInputs) -> None:
                     f"--embedding-type {asked}: rows of {name} hold {tensor.shape[-1]} values, not whole {block}-value "
                     f"{asked.upper()} blocks; store it as {fix} (--embedding-type {fix.split()[0]})"
                 )
+    _check_activations(inputs, kind)
     if kind == "f16":
         return
     if not inputs.quantized:
@@ -266,6 +268,55 @@ def check(inputs: ExportInputs) -> None:
             raise ExportError(
                 f"gguf-{kind} cannot hold {name}, quantized as {weight.spec.describe()}: {problem}. {_fix(name, weight, kind)}"
             )
+
+
+# The input rounding llama.cpp's CPU matmul applies to each weight type (ggml's vec_dot_type): Q8_0
+# blocks for Q8_0 / Q4_0 (Q8_1 for Q4_1: the same codes and scales), Q8_K for the ternary types —
+# which BitNet's per-token int8 stands for, as llama.cpp's BitNet support has it. F16/F32 weights
+# take f16/f32 inputs: no rounding a rule could train with.
+RUNTIME_ACTIVATIONS = {
+    "q8_0": "gguf_q8_0",
+    "q4_0": "gguf_q8_0",
+    "q4_1": "gguf_q8_0",
+    "tq2_0": "bitnet",
+    "tq1_0": "bitnet",
+}
+
+
+def _check_activations(inputs: ExportInputs, kind: str) -> None:
+    """Refuse a layer trained on activations llama.cpp does not compute: a GGUF file holds no
+    activation quantization, so the file would run another model than was trained."""
+    preset = RUNTIME_ACTIVATIONS.get(kind)
+    runtime = PRESETS[preset]["activation"] if preset else None
+    for module, spec in inputs.activations.items():
+        if runtime is not None and _forward_fields(spec) == _forward_fields(runtime):
+            continue
+        example = (
+            f" (e.g. \"quant.rules=[{{match: '*', weight: {HOLDS[kind][2]}}}]\")" if kind in HOLDS else ""
+        )
+        computes = (
+            f"rounds its inputs as `activation: {preset}` does" if preset else "does not round its inputs"
+        )
+        raise ExportError(
+            f"{module} was trained on inputs quantized as {spec.describe()}, and a GGUF file holds no activation "
+            f"quantization: llama.cpp {computes} for gguf-{kind}, so the file would compute another model. Train "
+            f"with {f'activation: {preset}' if preset else 'no activation rule'} (what llama.cpp computes), or export the "
+            "weights alone, knowing the activations change: repeat the run's quant rules without `activation` on the "
+            f"export command{example}"
+        )
+
+
+def _forward_fields(spec: QuantSpec) -> tuple:
+    """What an activation spec computes (not how it trains: the STE)."""
+    return (
+        spec.dtype,
+        spec.granularity,
+        spec.group_size,
+        spec.symmetric,
+        spec.scale_dtype,
+        spec.convention,
+        spec.full_range,
+    )
 
 
 def _check_bitnet(inputs: ExportInputs) -> None:

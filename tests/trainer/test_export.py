@@ -105,6 +105,32 @@ def test_a_format_that_cannot_hold_the_model_leaves_no_file(qat_run, tmp_path, c
     assert main(["export", str(qat_run), "--format", "gguf-q4_0", "--out", str(tmp_path / "q4.gguf")]) == 0
 
 
+def test_activations_llama_cpp_does_not_compute_are_refused_and_the_named_fix_exports_the_weights(
+    tmp_path, capsys
+):
+    """A GGUF file holds no activation quantization: a model trained on per-token int8 inputs would
+    run on llama.cpp's Q8_0 rounding instead. Refused (nothing written); the override the message
+    names exports the weights exactly; trained on llama.cpp's own rounding, it exports as it is."""
+    run_dir = tmp_path / "run"
+    w4a8_inputs = "quant.rules=[{match: '*', weight: gguf_q4_0, activation: w4a8}]"
+    train(load_config(TINY, tiny_overrides(run_dir, "train.max_steps=2", "train.warmup_steps=0",
+                                           "eval.every_steps=0", w4a8_inputs)))  # fmt: skip
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(run_dir), "--format", "gguf-q4_0", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "trained on inputs quantized as int8 token sym, and a GGUF file holds no activation" in error
+    assert "llama.cpp rounds its inputs as `activation: gguf_q8_0` does for gguf-q4_0" in error
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+    fix = re.search(r'"(quant\.rules=[^"]+)"', error).group(1)
+    assert main(["export", str(run_dir), fix, "--format", "gguf-q4_0", "--out", str(out)]) == 0
+    assert "quantized weights vs trained: exact" in capsys.readouterr().out
+    llama_inputs = w4a8_inputs.replace("activation: w4a8", "activation: gguf_q8_0")
+    run_dir = tmp_path / "run_q8_0_inputs"
+    train(load_config(TINY, tiny_overrides(run_dir, "train.max_steps=2", "train.warmup_steps=0",
+                                           "eval.every_steps=0", llama_inputs)))  # fmt: skip
+    assert main(["export", str(run_dir), "--format", "gguf-q4_0", "--out", str(tmp_path / "q8in.gguf")]) == 0
+
+
 def test_an_output_inside_a_file_is_refused_naming_it(qat_run, tmp_path, capsys):
     blocker = tmp_path / "afile"
     blocker.write_text("x")
