@@ -17,7 +17,10 @@ when ``--float-run`` holds it (else trained here). Files:
 * ``QAD from the FT, Q8_0 activations``: that, with llama.cpp's run-time rounding of each matmul's
   input to Q8_0 blocks in the training forward (``activation: gguf_q8_0``);
 * ``QAD recipe``: ``configs/qad_gguf_q4_0.yaml`` as shipped (that arm at the QAT recipes' optimizer
-  settings: lr 5e-5, 5 warm-up steps, cosine, betas (0.9, 0.95)), on this protocol's data.
+  settings: lr 5e-5, 5 warm-up steps, cosine, betas (0.9, 0.95)), on this protocol's data: the float
+  FT rounded by ``lowbit gptq`` on the recipe's rules (calibrated on the first 128 training
+  sequences; also exported as it is, ``--ptq``: the ``GPTQ q4_0`` row) and distilled from the FT;
+  ``recipe``: the same from the FT's round-to-nearest (the recipe before GPTQ).
 
 Each file is run by llama.cpp (``llama-cpp-python``, built from source) on the same 64 validation
 blocks of 256 tokens that lowbit's eval reads, each block from an empty context; perplexity =
@@ -42,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 from qat_vs_torchao import PROTOCOL
-from recipe_runs import ROOT, quality_setup, run_recipe
+from recipe_runs import ROOT, quality_setup, run_gptq, run_recipe
 
 GRIDS = ("q4_0", "q4_1")
 _KD = "loss=[{kind: kd_kl, weight: 1.0, temperature: 1.0}]"
@@ -74,7 +77,14 @@ ARMS = {  # arm -> (row name, overrides given the teacher and the grid); teacher
 }  # fmt: skip
 # arm -> (row name, recipe, its grid): a shipped recipe run as it is — its own optimizer settings, not
 # the protocol's — on the protocol's data and evaluation, started from (and taught by) the float FT
-RECIPE_ARMS = {"recipe": ("QAD recipe (qad_gguf_q4_0.yaml)", "qad_gguf_q4_0.yaml", "q4_0")}
+RECIPE_ARMS = {
+    "recipe": ("QAD recipe from the FT's round-to-nearest", "qad_gguf_q4_0.yaml", "q4_0"),
+    "recipe_gptq": ("QAD recipe (qad_gguf_q4_0.yaml, GPTQ start)", "qad_gguf_q4_0.yaml", "q4_0"),
+}
+GPTQ_ARMS = (
+    "recipe_gptq",
+)  # the student starts from `lowbit gptq` of the float FT (the teacher stays the FT)
+GPTQ_SAMPLES = 128  # the first 32 steps' sequences of the run's own batch order
 OPTIMIZER = ("train.lr=", "train.warmup_steps=", "train.schedule=", "train.betas=")
 
 
@@ -181,7 +191,15 @@ def main() -> None:
                     if grid != recipe_grid:
                         continue
                     protocol = [o for o in common if not o.startswith(OPTIMIZER)]
-                    run = run_recipe(recipe, run_dir, [*protocol, f"model.path={teacher}"], log)
+                    start = teacher
+                    if arm in GPTQ_ARMS:
+                        start = runs_dir / f"{arm}_{grid}_start"
+                        run_gptq(recipe, [*protocol, f"model.path={teacher}"], start, GPTQ_SAMPLES, log)
+                        gptq_file = export(start, f"gguf-{grid}", files / f"gptq-{grid}.gguf", True)
+                        made[f"GPTQ {grid}"] = (start, gptq_file, None)
+                    run = run_recipe(
+                        recipe, run_dir, [*protocol, f"model.path={start}", f"teacher.path={teacher}"], log
+                    )
                 else:
                     row, overrides = ARMS[arm]
                     run = run_recipe(
@@ -204,7 +222,7 @@ def main() -> None:
         grid = name.split()[-1]
         ptq = rows.get(f"PTQ {grid}", {}).get("llama_cpp_ppl")
         closed = "—"
-        if name.startswith(("QAT", "QAD")) and ptq is not None:
+        if name.startswith(("QAT", "QAD", "GPTQ")) and ptq is not None:
             closed = f"{100 * (ptq - row['llama_cpp_ppl']) / (ptq - reference):.1f}%"
         lowbit = "—" if row["lowbit_ppl"] is None else f"{row['lowbit_ppl']:.2f}"
         print(f"| {name} | {row['mib']:.1f} | {row['llama_cpp_ppl']:.2f} | {lowbit} | {closed} |")

@@ -36,7 +36,10 @@ Arms per scheme:
   QAD arm pays for the float fine-tune (it is the teacher); this one also starts from it, so its
   own PTQ is the fine-tune's (its run's ``val_ppl_ptq``), lower than the scheme's reference PTQ;
 * ``lowbit QAD, lr 5e-5 cosine``: QAD at the QAT recipes' optimizer settings (lr 5e-5, 5 warm-up
-  steps, cosine decay) instead of torchao's (1e-5 constant); the teacher stays the 1e-5 fine-tune.
+  steps, cosine decay) instead of torchao's (1e-5 constant); the teacher stays the 1e-5 fine-tune;
+* ``lowbit QAD, GPTQ start`` / ``lowbit QAD, student = GPTQ of the FT``: those QAD arms with the
+  student's weights first rounded by ``lowbit gptq`` (the same rules, calibrated on the first 128
+  training sequences of the same batch order) instead of round-to-nearest; the arm's PTQ is GPTQ's.
 
     recovered vs FT = (ppl_ptq − ppl_qat) / (ppl_ptq − ppl_float_FT),  ppl_ptq = torchao's PTQ
 
@@ -53,7 +56,7 @@ import json
 import os
 from pathlib import Path
 
-from recipe_runs import ROOT, quality_setup, run_recipe
+from recipe_runs import ROOT, quality_setup, run_gptq, run_recipe
 
 PROTOCOL = [
     "train.lr=1.0e-5",
@@ -86,12 +89,19 @@ ARMS = (
     "lowbit_qad_warmup",
     "lowbit_qad_from_ft",
     "lowbit_qad_recipe_lr",
+    "lowbit_qad_gptq",
+    "lowbit_qad_from_ft_gptq",
 )
 WARMUP_FLOAT_STEPS = 10
+GPTQ_ARMS = ("lowbit_qad_gptq", "lowbit_qad_from_ft_gptq")  # the student starts from `lowbit gptq`'s model
 
 
-def arm_overrides(arm: str, scheme: str, teacher: Path | str) -> list[str]:
-    rules = f"quant={{rules: [{LOWBIT_GRIDS[scheme]}]}}"
+def rules_override(scheme: str) -> str:
+    return f"quant={{rules: [{LOWBIT_GRIDS[scheme]}]}}"
+
+
+def arm_overrides(arm: str, scheme: str, teacher: Path | str, gptq_start: Path | None = None) -> list[str]:
+    rules = rules_override(scheme)
     if arm == "torchao":
         return ["eval.at_start=true", f"imports=[{ROOT / 'benchmarks' / 'torchao_arm.py'}]"]
     if arm == "lowbit_grid":
@@ -119,11 +129,22 @@ def arm_overrides(arm: str, scheme: str, teacher: Path | str) -> list[str]:
             lever = ["train.lr=5.0e-5", "train.warmup_steps=5", "train.schedule=cosine"]
         elif arm == "lowbit_qad_from_ft":  # the student starts from the teacher: PTQ of it, then QAD
             lever = [f"model.path={teacher}", "model.config=null"]
+        elif arm in GPTQ_ARMS:  # the student starts from GPTQ's rounding (of the model or of the FT)
+            lever = [f"model.path={gptq_start}", "model.config=null"]
         elif arm != "lowbit_qad":
             raise ValueError(arm)
         return ["eval.at_start=false", rules, *lever, f"teacher.path={teacher}",
                 "loss=[{kind: kd_kl, weight: 1.0, temperature: 1.0}]"]  # fmt: skip
     raise ValueError(arm)
+
+
+def gptq_start(arm: str, scheme: str, options, teacher: Path, common: list[str], out: Path, log) -> float:
+    """``lowbit gptq`` of the arm's start (the pretrained model, or the float FT) on the scheme's
+    rules, calibrated on the protocol's batches (``options``: the command line); returns its minutes."""
+    source = [f"model.path={teacher}", "model.config=null"] if arm == "lowbit_qad_from_ft_gptq" else []
+    return run_gptq(
+        options.recipe, [*common, rules_override(scheme), *source], out, options.gptq_samples, log
+    )
 
 
 def step_losses(run_dir: Path) -> list[float]:
@@ -141,7 +162,8 @@ ARM_NAMES = {"torchao": "torchao", "lowbit_grid": "lowbit (torchao's grid)",
              "lowbit_qad": "lowbit QAD",
              "lowbit_qad_lsq": "lowbit QAD + LSQ", "lowbit_qad_self": "lowbit QAD, self",
              "lowbit_qad_warmup": "lowbit QAD, float warm-up", "lowbit_qad_from_ft": "lowbit QAD, student from the FT",
-             "lowbit_qad_recipe_lr": "lowbit QAD, lr 5e-5 cosine"}  # fmt: skip
+             "lowbit_qad_recipe_lr": "lowbit QAD, lr 5e-5 cosine", "lowbit_qad_gptq": "lowbit QAD, GPTQ start",
+             "lowbit_qad_from_ft_gptq": "lowbit QAD, student = GPTQ of the FT"}  # fmt: skip
 
 
 MAIN_ARMS = ("torchao", "lowbit_grid", "lowbit_qad")
@@ -151,6 +173,7 @@ LEVER_BASE = {  # each lever arm -> the arm it changes one thing of
     "lowbit_qad_lsq": "lowbit_qad", "lowbit_qad_self": "lowbit_qad", "lowbit_qad_warmup": "lowbit_qad",
     "lowbit_qad_from_ft": "lowbit_qad",
     "lowbit_qad_recipe_lr": "lowbit_qad",
+    "lowbit_qad_gptq": "lowbit_qad", "lowbit_qad_from_ft_gptq": "lowbit_qad_from_ft",
 }  # fmt: skip
 
 
@@ -206,6 +229,8 @@ def main() -> None:
         parser.add_argument("--schemes", nargs="*", default=list(LOWBIT_GRIDS), choices=list(LOWBIT_GRIDS))
         parser.add_argument("--arms", nargs="*", default=list(MAIN_ARMS), choices=list(ARMS))
         parser.add_argument("--recipe", default="quickstart.yaml", help="base config (model and data)")
+        parser.add_argument("--gptq-samples", type=int, default=128,
+                            help="GPTQ arms: calibration sequences (the first steps' rows of the same batch order)")  # fmt: skip
         parser.add_argument(
             "--set", nargs="*", default=[], help="extra overrides for every run (smoke tests)"
         )
@@ -238,7 +263,14 @@ def main() -> None:
                 env = {"LOWBIT_BENCH_TORCHAO": scheme} if arm == "torchao" else {}
                 os.environ.pop("LOWBIT_BENCH_TORCHAO", None)
                 os.environ.update(env)
-                run = run_recipe(args.recipe, run_dir, [*common, *arm_overrides(arm, scheme, teacher)], log)
+                start, gptq_minutes = None, 0.0
+                if arm in GPTQ_ARMS:
+                    start = runs_dir / f"{scheme}_{arm}_start"
+                    gptq_minutes = gptq_start(arm, scheme, args, teacher, common, start, log)
+                run = run_recipe(
+                    args.recipe, run_dir, [*common, *arm_overrides(arm, scheme, teacher, start)], log
+                )
+                run["minutes"] += gptq_minutes
                 os.environ.pop("LOWBIT_BENCH_TORCHAO", None)
                 ptq = run["first"]["val_ppl"] if arm == "torchao" else run["baselines"].get("val_ppl_ptq")
                 arms[arm] = {"ptq": ptq, "qat": run["final"]["val_ppl"], "minutes": run["minutes"],

@@ -15,25 +15,43 @@ from typing import IO
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _lowbit(args: list[str], what: str, log: IO[str]) -> tuple[str, float]:
+    """Run ``lowbit ARGS`` from the repo root, logged; its stdout and minutes (a failure stops the benchmark)."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "lowbit.trainer", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    log.write(f"== {what}\n{done.stdout}\n{done.stderr}\n")
+    log.flush()
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return done.stdout, (time.perf_counter() - started) / 60
+
+
 def run_recipe(recipe: str, run_dir: Path, overrides: list[str], log: IO[str]) -> dict:
     """Train ``configs/RECIPE`` into a fresh ``run_dir``; return its first/final eval, baselines, minutes."""
     shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own scratch: always a fresh run
-    args = [sys.executable, "-m", "lowbit.trainer", "train", str(ROOT / "configs" / recipe),
-            f"run.output_dir={run_dir}", "checkpoint.every_steps=0", "log.progress=lines", *overrides]  # fmt: skip
-    started = time.perf_counter()
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    log.write(f"== {recipe} {overrides}\n{done.stdout}\n{done.stderr}\n")
-    log.flush()
-    if done.returncode != 0:
-        raise SystemExit(f"{recipe} {overrides} failed:\n{done.stderr[-3000:]}")
+    args = ["train", str(ROOT / "configs" / recipe), f"run.output_dir={run_dir}", "checkpoint.every_steps=0",
+            "log.progress=lines", *overrides]  # fmt: skip
+    _, minutes = _lowbit(args, f"{recipe} {overrides}", log)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [x for x in lines if "val_ppl" in x]
     return {
         "first": evals[0],
         "final": evals[-1],
         "baselines": next((x for x in lines if "val_ppl_ptq" in x), {}),
-        "minutes": (time.perf_counter() - started) / 60,
+        "minutes": minutes,
     }
+
+
+def run_gptq(recipe: str, overrides: list[str], out: Path, samples: int, log: IO[str]) -> float:
+    """``lowbit gptq configs/RECIPE`` (its quant rules, calibrated on its first ``samples`` training
+    sequences) into ``out``, replaced if there; returns its minutes."""
+    args = ["gptq", str(ROOT / "configs" / recipe), *overrides, "--out", str(out), "--samples", str(samples),
+            "--overwrite"]  # fmt: skip
+    stdout, minutes = _lowbit(args, f"gptq {recipe} {overrides}", log)
+    print(stdout.strip(), flush=True)
+    return minutes
 
 
 def quality_setup(

@@ -23,6 +23,7 @@ EPILOG = """examples:
   lowbit generate runs/tiny --prompt "Gentlemen of the Senate"
   lowbit export runs/qat_gguf_q4_0 --format gguf-q4_0 --out smollm2-q4_0.gguf
   lowbit export ~/models/my-llama --format compressed-tensors --out my-llama-w4a16 --ptq
+  lowbit gptq configs/qat_w4a8.yaml --out smollm2-gptq-w4a8
 """
 
 
@@ -87,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="send each prompt as a user turn of the chat template"
     )
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    gptq = commands.add_parser(
+        "gptq",
+        help="GPTQ-round a recipe's model onto its quant rules (a float model on the grid: PTQ or QAT start)",
+    )
+    gptq.add_argument("config", help="YAML recipe with a quant section (its model, data and rules)")
+    gptq.add_argument("--out", required=True, help="output directory (a Hugging Face float model)")
+    gptq.add_argument("--samples", type=int, default=128, help="calibration sequences from the training data")
+    gptq.add_argument("--damp", type=float, default=0.01, help="added to the Hessian's diagonal, × its mean")
+    gptq.add_argument("--no-act-order", dest="act_order", action="store_false",
+                      help="round columns in their order (default: largest input energy first)")  # fmt: skip
+    gptq.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    gptq.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     export = commands.add_parser("export", help="write a trained model in a packed low-bit format")
     export.add_argument(
         "source", help="a run directory, a checkpoint directory, a YAML recipe or a model path"
@@ -203,6 +216,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gptq(args: argparse.Namespace) -> int:
+    from lowbit.trainer.gptq_cli import run_gptq, summary
+
+    report = run_gptq(args.config, args.overrides, Path(args.out), samples=args.samples, damp=args.damp,
+                      act_order=args.act_order, overwrite=args.overwrite)  # fmt: skip
+    print(summary(report, Path(args.out)))
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from lowbit.trainer.generate_cli import generate
 
@@ -287,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": _eval,
         "teacher-cache": _teacher_cache,
         "export": _export,
+        "gptq": _gptq,
         "recipes": _recipes,
         "generate": _generate,
     }[args.command]
