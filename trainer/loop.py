@@ -290,14 +290,18 @@ class Trainer:
             self.save_checkpoint()
         raise Preempted(received, self.step)
 
-    def close(self) -> None:
-        self.strategy.teardown()
+    def close(self, finished: bool = False) -> None:
+        """Release the engine; ``finished``: training ended normally on every rank (see ``teardown``)."""
+        self.strategy.teardown(finished)
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Build, train and tear down: what ``lowbit train`` runs in each process."""
     trainer = Trainer(cfg)
     try:
-        return trainer.fit()
-    finally:
+        result = trainer.fit()
+    except BaseException:
         trainer.close()
+        raise
+    trainer.close(finished=True)
+    return result

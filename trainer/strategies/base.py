@@ -248,8 +248,8 @@ class Strategy:
     def barrier(self) -> None:
         """Wait for every rank."""
 
-    def teardown(self) -> None:
-        """Release process groups."""
+    def teardown(self, finished: bool = False) -> None:
+        """Release process groups; ``finished``: every rank ended normally, after the same work."""
 
     # -- state -------------------------------------------------------------------------------------
 

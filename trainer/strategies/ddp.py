@@ -46,7 +46,7 @@ class DDPStrategy(DistributedStrategy):
     def reduce_extra_gradients(self) -> None:
         self.average_gradients(self.objective)
 
-    def teardown(self) -> None:
+    def teardown(self, finished: bool = False) -> None:
         """Release DDP's reducer (and the logger that holds it) while the process group is still
         registered. Otherwise the reducer, freed later with the model, is the group's last owner
         and runs the gloo group's destructor holding the GIL; that destructor joins gloo's worker
@@ -56,7 +56,7 @@ class DDPStrategy(DistributedStrategy):
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             self.model.reducer = None
             self.model.logger = None
-        super().teardown()
+        super().teardown(finished)
 
 
 STRATEGY = DDPStrategy
