@@ -279,17 +279,16 @@ def choose_resume(mode: str, run_dir: Path) -> Path | None:
 
 
 def check_quant_grids(
-    state: TrainerState, checkpoint: Path, model: nn.Module, deliberate: bool = False, reading: bool = False
+    state: TrainerState, checkpoint: Path, model: nn.Module, deliberate: bool = False
 ) -> None:
     """Refuse to continue (or export, evaluate) a run on other grids than it trained on.
 
     The config alone cannot tell: a rule without ``range`` meant the restricted grid before
     ``range: auto`` existed, and auto picks the full one for some shapes. A checkpoint without the
     record was written before auto, so its grids are the restricted reading of the same rules.
-    ``deliberate``: the quant rules were changed on purpose (``checkpoint.allow_config_change``):
-    warn instead. ``reading`` (export, eval, generate): a model that computes only some of the
-    trained grids — a rule override that drops a quantizer, e.g. a GGUF export of the weights without
-    the activation rounding llama.cpp does not do — is a choice, not a changed default: warn.
+    ``deliberate``: the quant rules were changed on purpose (``checkpoint.allow_config_change``
+    with rules that differ from the checkpoint's, e.g. a GGUF export of the weights without the
+    activation rounding llama.cpp does not do): warn instead.
     """
     from lowbit.quant import quant_grids
 
@@ -302,15 +301,12 @@ def check_quant_grids(
     if deliberate:
         logger.warning("%s (the quant rules changed: checkpoint.allow_config_change)", what)
         return
-    if reading and set(grids) < set(trained):
-        logger.warning("%s: the quant rules given leave some of the trained quantizers out", what)
-        return
     raise UserError(
         f"{what}: the quant rules or lowbit's defaults changed (an unset range was restricted before range: "
         "auto, and int4 per channel until auto chose full there). Give each rule the range it trained with "
         "(e.g. range: restricted) — to resume, in the config with checkpoint.allow_config_change=true; "
-        "for lowbit export / eval / generate, as a quant.rules override — or start a new run (another "
-        "run.output_dir)"
+        "for lowbit export / eval / generate, as a quant.rules override (rules changed on purpose: add "
+        "checkpoint.allow_config_change=true) — or start a new run (another run.output_dir)"
     )
 
 
@@ -351,11 +347,14 @@ def restore(strategy: Strategy, checkpoint: Path, frozen_base: str | None = None
     return state
 
 
-def load_weights(checkpoint: Path, model: nn.Module, same_grids: bool = False) -> None:
+def load_weights(
+    checkpoint: Path, model: nn.Module, same_grids: bool = False, deliberate: bool = False
+) -> None:
     """Verify ``checkpoint`` and load the student's weights into a plain ``model``, in one process,
     whichever engine wrote it (a sharded checkpoint is reassembled: what eval and export read).
     ``same_grids``: the model must compute the grids the checkpoint trained on (``check_quant_grids``)
-    — for export and eval of a run; a later stage (``model.init_from``) may choose others."""
+    — for export and eval of a run; a later stage (``model.init_from``) may choose others;
+    ``deliberate``: rules changed on purpose (``resume_guard.rules_changed_on_purpose``) only warn."""
     from lowbit.trainer.strategies import read_weights
 
     problem = verify(checkpoint)
@@ -363,5 +362,5 @@ def load_weights(checkpoint: Path, model: nn.Module, same_grids: bool = False) -
         raise UserError(f"checkpoint {checkpoint} cannot be loaded: {problem}")
     state = read_state(checkpoint)
     if same_grids:
-        check_quant_grids(state, checkpoint, model, reading=True)
+        check_quant_grids(state, checkpoint, model, deliberate)
     read_weights(state.layout, checkpoint, model)

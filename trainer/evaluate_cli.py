@@ -17,6 +17,7 @@ from lowbit.trainer.errors import UserError
 from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import setup_console_logging
 from lowbit.trainer.quantization import quantizers_enabled, recovered
+from lowbit.trainer.resume_guard import rules_changed_on_purpose
 from lowbit.trainer.strategies import inference_strategy
 from lowbit.trainer.transforms import apply_transforms
 
@@ -120,7 +121,8 @@ def evaluate_target(target: Path, overrides: list[str]) -> list[dict[str, Any]]:
             with quantizers_enabled(model, True):
                 rows.append(measure("PTQ (round-to-nearest)"))
         if checkpoint is not None:
-            ckpt.load_weights(checkpoint, strategy.unwrap(model), same_grids=True)
+            deliberate = rules_changed_on_purpose(checkpoint, cfg)
+            ckpt.load_weights(checkpoint, strategy.unwrap(model), same_grids=True, deliberate=deliberate)
             with quantizers_enabled(model, True):
                 rows.append(measure(f"{'QAT' if cfg.quant else 'trained'} ({checkpoint.name})"))
             if baselines:

@@ -187,7 +187,12 @@ def load_source(source: Path, overrides: list[str], merge: bool = True) -> Sourc
 
         initial = {name: tensor.clone() for name, tensor in adapter_tensors(model).items()}
     if checkpoint is not None:
-        ckpt.load_weights(checkpoint, model, same_grids=True)
+        from lowbit.trainer.resume_guard import rules_changed_on_purpose
+
+        assert cfg is not None
+        ckpt.load_weights(
+            checkpoint, model, same_grids=True, deliberate=rules_changed_on_purpose(checkpoint, cfg)
+        )
     if merge and cfg is not None and cfg.lora is not None:
         from lowbit.trainer.export_lora import merge_adapters
 

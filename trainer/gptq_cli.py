@@ -61,6 +61,11 @@ def _targets(model: nn.Module) -> dict[str, nn.Module]:
     }
     if not targets:
         raise UserError("the quant rules quantize no Linear weight: nothing for GPTQ to round")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = [name for name, m in targets.items() if embeddings is not None and m.weight is embeddings.weight]
+    if tied:
+        raise UserError(f"{tied[0]} shares its weight with the input embeddings (a tied head): GPTQ would rewrite "
+                        "the embeddings too; leave the head out of the rules (quant.quantize_head=false)")  # fmt: skip
     problems = {name: gptq_problem(m.weight_quantizer.spec) for name, m in targets.items()}
     problems = {name: problem for name, problem in problems.items() if problem}
     if problems:
@@ -141,9 +146,9 @@ def run_gptq(config: str, overrides: list[str], out: Path, samples: int = 128, d
     from lowbit.trainer.strategies import inference_strategy
     from lowbit.trainer.transforms import apply_transforms
 
-    if samples < 1 or not 0 <= damp < 1:
+    if samples < 1 or not 0 < damp < 1:
         raise UserError(
-            f"--samples {samples} / --damp {damp}: give at least 1 sample and a damping in [0, 1)"
+            f"--samples {samples} / --damp {damp}: give at least 1 sample and a damping in (0, 1)"
         )
     cfg = load_config(config, overrides)
     _refuse_unsupported(cfg)
@@ -162,7 +167,14 @@ def run_gptq(config: str, overrides: list[str], out: Path, samples: int = 128, d
         layers = {}
         for name, module in targets.items():
             spec = module.weight_quantizer.spec
-            result = gptq_weight(module.weight.detach().cpu(), sums[name].sum, spec, damp, act_order)
+            try:
+                result = gptq_weight(module.weight.detach().cpu(), sums[name].sum, spec, damp, act_order)
+            except torch.linalg.LinAlgError:
+                raise UserError(f"{name}: its damped input Hessian is not positive definite (too few calibration "
+                                f"tokens for its {module.in_features} inputs?); raise --damp (now {damp}) or "
+                                "--samples") from None  # fmt: skip
+            except RuntimeError as error:  # the held weight would not reproduce GPTQ's rounding
+                raise UserError(f"{name}: {error} (model.dtype=fp32)") from None
             module.weight.data.copy_(result.weight.to(module.weight.device))
             layers[name] = {"spec": spec.describe(), "error": result.error, "rtn_error": result.rtn_error}
         # back to the model's own layers, which hold GPTQ's weights
@@ -174,6 +186,7 @@ def run_gptq(config: str, overrides: list[str], out: Path, samples: int = 128, d
                 replace_module(model, name, original)
         report = {
             "config": str(config), "overrides": overrides, "samples": rows, "damp": damp, "act_order": act_order,
+            "dtype": str(next(iter(targets.values())).weight.dtype).removeprefix("torch."),
             "tokens": max(s.tokens for s in sums.values()), "seconds": round(time.perf_counter() - started, 1),
             "layers": layers,
         }  # fmt: skip
@@ -204,7 +217,8 @@ def summary(report: dict[str, Any], out: Path) -> str:
             f"  {name} ({layer['spec']}): {layer['error']:.3e} vs {layer['rtn_error']:.3e}"
             for name, layer in worst
         ),
-        f"wrote {out} (float weights on the grid; {REPORT}: every layer)",
+        f"wrote {out} ({report['dtype']} weights on the grid — read them in {report['dtype']}: another dtype "
+        f"re-rounds some codes; {REPORT}: every layer)",
         f"next: train from it with model.path={out} (keep teacher.path on the float model), or export it with --ptq",
     ]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from lowbit.trainer.evaluate import evaluate
 from lowbit.trainer.loggers import MetricsLogger, setup_console_logging
 from lowbit.trainer.preemption import Preempted, StopSignals
 from lowbit.trainer.preflight import check_room_for_checkpoint, check_run_dir
-from lowbit.trainer.resume_guard import check_config_drift, quant_rules_changed
+from lowbit.trainer.resume_guard import check_config_drift, rules_changed_on_purpose
 from lowbit.trainer.strategies import Strategy, build_strategy
 from lowbit.trainer.strategies.base import full_numel
 
@@ -52,7 +52,7 @@ class Trainer:
         self._decided_on_main(lambda: check_room_for_checkpoint(self.run_dir, total, trained))
         self.step = 0
         if resume_from is not None:
-            deliberate = cfg.checkpoint.allow_config_change and quant_rules_changed(resume_from, cfg)
+            deliberate = rules_changed_on_purpose(resume_from, cfg)
             ckpt.check_quant_grids(ckpt.read_state(resume_from), resume_from, self.parts.model, deliberate)
             state = ckpt.restore(self.strategy, resume_from, self.parts.frozen_base)
             self.step = state.step

@@ -78,6 +78,12 @@ def quant_rules_changed(checkpoint: Path, cfg: RunConfig) -> bool:
     return any(_under(key, ("quant",)) for key in differences(before, config_dict(cfg)))  # type: ignore[arg-type]
 
 
+def rules_changed_on_purpose(checkpoint: Path, cfg: RunConfig) -> bool:
+    """``checkpoint.allow_config_change`` with quant rules that differ from ``checkpoint``'s: grids
+    that differ from the trained ones then warn instead of stopping (``check_quant_grids``)."""
+    return cfg.checkpoint.allow_config_change and quant_rules_changed(checkpoint, cfg)
+
+
 def check_config_drift(checkpoint: Path, cfg: RunConfig) -> None:
     """Refuse (``UserError``) to resume ``checkpoint`` under a ``cfg`` that trains something else;
     log what changes in how it is optimised. ``checkpoint.allow_config_change`` turns the refusal

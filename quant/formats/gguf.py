@@ -254,8 +254,8 @@ def check(inputs: ExportInputs) -> None:
                     f"--embedding-type {asked}: rows of {name} hold {tensor.shape[-1]} values, not whole {block}-value "
                     f"{asked.upper()} blocks; store it as {fix} (--embedding-type {fix.split()[0]})"
                 )
-    _check_activations(inputs, kind)
     if kind == "f16":
+        _check_activations(inputs, kind)
         return
     if not inputs.quantized:
         raise ExportError(
@@ -268,6 +268,7 @@ def check(inputs: ExportInputs) -> None:
             raise ExportError(
                 f"gguf-{kind} cannot hold {name}, quantized as {weight.spec.describe()}: {problem}. {_fix(name, weight, kind)}"
             )
+    _check_activations(inputs, kind)  # (after the weights: a file that cannot hold them says that first)
 
 
 # The input rounding llama.cpp's CPU matmul applies to each weight type (ggml's vec_dot_type): Q8_0
@@ -291,9 +292,6 @@ def _check_activations(inputs: ExportInputs, kind: str) -> None:
     for module, spec in inputs.activations.items():
         if runtime is not None and _forward_fields(spec) == _forward_fields(runtime):
             continue
-        example = (
-            f" (e.g. \"quant.rules=[{{match: '*', weight: {HOLDS[kind][2]}}}]\")" if kind in HOLDS else ""
-        )
         computes = (
             f"rounds its inputs as `activation: {preset}` does" if preset else "does not round its inputs"
         )
@@ -302,7 +300,7 @@ def _check_activations(inputs: ExportInputs, kind: str) -> None:
             f"quantization: llama.cpp {computes} for gguf-{kind}, so the file would compute another model. Train "
             f"with {f'activation: {preset}' if preset else 'no activation rule'} (what llama.cpp computes), or export the "
             "weights alone, knowing the activations change: repeat the run's quant rules without `activation` on the "
-            f"export command{example}"
+            "export command, with checkpoint.allow_config_change=true"
         )
 
 

@@ -109,8 +109,10 @@ def test_activations_llama_cpp_does_not_compute_are_refused_and_the_named_fix_ex
     tmp_path, capsys
 ):
     """A GGUF file holds no activation quantization: a model trained on per-token int8 inputs would
-    run on llama.cpp's Q8_0 rounding instead. Refused (nothing written); the override the message
-    names exports the weights exactly; trained on llama.cpp's own rounding, it exports as it is."""
+    run on llama.cpp's Q8_0 rounding instead (and an f16 file on none). Refused (nothing written);
+    the fix the message names — the rules without `activation`, changed on purpose — exports the
+    weights exactly (the rules alone are still a grid change, refused); trained on llama.cpp's own
+    rounding, it exports as it is."""
     run_dir = tmp_path / "run"
     w4a8_inputs = "quant.rules=[{match: '*', weight: gguf_q4_0, activation: w4a8}]"
     train(load_config(TINY, tiny_overrides(run_dir, "train.max_steps=2", "train.warmup_steps=0",
@@ -121,9 +123,21 @@ def test_activations_llama_cpp_does_not_compute_are_refused_and_the_named_fix_ex
     assert "trained on inputs quantized as int8 token sym, and a GGUF file holds no activation" in error
     assert "llama.cpp rounds its inputs as `activation: gguf_q8_0` does for gguf-q4_0" in error
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
-    fix = re.search(r'"(quant\.rules=[^"]+)"', error).group(1)
-    assert main(["export", str(run_dir), fix, "--format", "gguf-q4_0", "--out", str(out)]) == 0
+    assert (
+        "repeat the run's quant rules without `activation` on the export command, with checkpoint.allow"
+        in error
+    )
+    weights_only = "quant.rules=[{match: '*', weight: gguf_q4_0}]"
+    assert main(["export", str(run_dir), weights_only, "--format", "gguf-q4_0", "--out", str(out)]) == 2
+    assert (
+        "trained on the grids gguf_q4_0, int8 token sym" in capsys.readouterr().err
+    )  # a rule change, unasked
+    fix = [weights_only, "checkpoint.allow_config_change=true"]
+    assert main(["export", str(run_dir), *fix, "--format", "gguf-q4_0", "--out", str(out)]) == 0
     assert "quantized weights vs trained: exact" in capsys.readouterr().out
+    f16 = tmp_path / "f16.gguf"
+    assert main(["export", str(run_dir), "--format", "gguf-f16", "--out", str(f16)]) == 2
+    assert "llama.cpp does not round its inputs for gguf-f16" in capsys.readouterr().err and not f16.exists()
     llama_inputs = w4a8_inputs.replace("activation: w4a8", "activation: gguf_q8_0")
     run_dir = tmp_path / "run_q8_0_inputs"
     train(load_config(TINY, tiny_overrides(run_dir, "train.max_steps=2", "train.warmup_steps=0",

@@ -85,6 +85,7 @@ def test_a_gptq_model_for_llama_cpp_exports_its_rounding_exactly(pretrained_tiny
         (["quant.rules=[{match: '*', weight: {dtype: int4, granularity: group, group_size: 32, symmetric: false}}]"],
          "14 layers cannot be rounded by GPTQ"),
         (["lora={rank: 4, base: float}"], "freezes its base"),
+        (["quant.quantize_head=true"], "lm_head shares its weight with the input embeddings (a tied head)"),
     ],
 )  # fmt: skip
 def test_recipes_gptq_cannot_round_are_refused_before_any_work(
@@ -95,12 +96,14 @@ def test_recipes_gptq_cannot_round_are_refused_before_any_work(
     assert message in capsys.readouterr().err and not out.exists()
 
 
-def test_too_many_samples_and_an_existing_output_are_refused_with_the_fix(
+def test_bad_arguments_and_an_existing_output_are_refused_with_the_fix(
     gptq_model, pretrained_tiny, tmp_path, capsys
 ):
     args = gptq_args(pretrained_tiny, tmp_path / "run", tmp_path / "out")
     assert main([*args[:-1], "100000"]) == 2
     assert re.search(r"holds \d+ sequences; pass --samples \d+", capsys.readouterr().err)
+    assert main([*args, "--damp", "0"]) == 2
+    assert "a damping in (0, 1)" in capsys.readouterr().err
     before = (gptq_model / "model.safetensors").read_bytes()
     assert main(gptq_args(pretrained_tiny, tmp_path / "run", gptq_model)) == 2
     assert "pass --overwrite" in capsys.readouterr().err

@@ -140,7 +140,9 @@ class DistributedStrategy(Strategy):
         uses them: 2-process jobs that destroyed the group unsynchronised now and then lost a rank in
         teardown after their work was saved (SIGABRT, "terminate called without an active
         exception": three times in ~25 suite runs). After an error there is no barrier: a rank that
-        failed alone must not wait for ranks blocked elsewhere (torchtitan#1342)."""
+        failed alone must not wait for ranks blocked elsewhere (torchtitan#1342). ``finished`` is each
+        rank's own: if a rank fails after the last collective, the others wait at the barrier until
+        the group's timeout (``strategy.timeout_s``), then exit."""
         if self.owns_group and dist.is_initialized():
             if finished:
                 gc.collect()
