@@ -81,9 +81,8 @@ RECIPE_ARMS = {
     "recipe": ("QAD recipe from the FT's round-to-nearest", "qad_gguf_q4_0.yaml", "q4_0"),
     "recipe_gptq": ("QAD recipe (qad_gguf_q4_0.yaml, GPTQ start)", "qad_gguf_q4_0.yaml", "q4_0"),
 }
-GPTQ_ARMS = (
-    "recipe_gptq",
-)  # the student starts from `lowbit gptq` of the float FT (the teacher stays the FT)
+# the student starts from `lowbit gptq` of the float FT (the teacher stays the FT)
+GPTQ_ARMS = ("recipe_gptq",)
 GPTQ_SAMPLES = 128  # the first 32 steps' sequences of the run's own batch order
 OPTIMIZER = ("train.lr=", "train.warmup_steps=", "train.schedule=", "train.betas=")
 

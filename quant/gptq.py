@@ -233,6 +233,7 @@ __all__ = [
     "gptq_codes",
     "gptq_problem",
     "gptq_weight",
+    "input_gram",
     "on_grid_weight",
     "output_error",
 ]

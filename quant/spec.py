@@ -165,6 +165,12 @@ class QuantSpec:
         extra = scale_bits + (0 if self.symmetric else (16 if self.convention == "gguf_q4_1" else self.bits))
         return self.bits + extra / self.group_size
 
+    def forward_fields(self) -> tuple:
+        """What this spec computes, not how it trains (the STE, how learned scales start): two
+        specs with equal fields round a tensor alike — what a format's runtime is compared against."""
+        return (self.dtype, self.granularity, self.group_size, self.symmetric, self.scale_dtype,
+                self.convention, self.full_range, self.learn_scale)  # fmt: skip
+
     def describe(self) -> str:
         """``int4 g32 sym``-style short name for tables."""
         shape = f"g{self.group_size}" if self.granularity == "group" else self.granularity

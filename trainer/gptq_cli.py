@@ -81,7 +81,8 @@ def _hessians(
     """Each target's ``Σ x xᵀ`` over the first ``samples`` training rows (padding left out).
 
     Layers that read one tensor (q/k/v, gate/up) share one accumulator: the Hessians of every layer
-    are held at once, in float64, so this sets the memory (SmolLM2-135M: 0.8 GB)."""
+    are held at once, in float64, so this sets the memory (SmolLM2-135M, by its shapes: 30 × (3 · 576² +
+    1536²) · 8 bytes = 0.8 GB)."""
     from lowbit.quant import set_quantizers_enabled
     from lowbit.quant.gptq import HessianAccumulator, input_gram
     from lowbit.trainer.data import model_inputs

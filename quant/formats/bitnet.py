@@ -48,11 +48,12 @@ from lowbit.quant.formats import (
     linear_modules,
     module_name,
 )
+from lowbit.quant.spec import QuantSpec
 
 VALUES_PER_BYTE = 4  # 2 bits per ternary value
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 # What BitLinear does to its input: int8, one absmax scale per token, kept in float32.
-BITLINEAR_INPUT = ("int8", "token", True, "fp32", False)  # the last: full_range
+BITLINEAR_INPUT = QuantSpec(dtype="int8", granularity="token", range="restricted")
 
 
 # -- packing ------------------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def check(inputs: ExportInputs) -> None:
                 f"expects out_features divisible by 4: skip {module} in the quant rules"
             )
         activation = inputs.activations.get(module)
-        if activation is None or _forward_fields(activation) != BITLINEAR_INPUT:
+        if activation is None or activation.forward_fields() != BITLINEAR_INPUT.forward_fields():
             got = "no activation quantization" if activation is None else activation.describe()
             raise ExportError(
                 f"{module} was trained with {got}, but transformers' BitLinear always quantizes its input to "
@@ -179,11 +180,6 @@ def bitnet_model_config(config: dict) -> dict:
     config = {key: value for key, value in config.items() if key not in ("mlp_bias", "pretraining_tp")}
     config.update(model_type="bitnet", architectures=["BitNetForCausalLM"])
     return config
-
-
-def _forward_fields(spec) -> tuple:
-    """The fields of an activation spec that change the forward (not the STE used in training)."""
-    return spec.dtype, spec.granularity, spec.symmetric, spec.scale_dtype, spec.full_range
 
 
 def write(inputs: ExportInputs, out: Path) -> None:

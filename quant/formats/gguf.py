@@ -40,7 +40,7 @@ from lowbit.quant.convert import QuantizedWeight
 from lowbit.quant.formats import ExportError, ExportInputs, has_subln
 from lowbit.quant.packing import QK_TERNARY, pack_blocks
 from lowbit.quant.q6_k import quantize_q6_k
-from lowbit.quant.spec import PRESETS, QuantSpec
+from lowbit.quant.spec import PRESETS
 
 # HF model_type -> GGUF architecture. Mistral's dense models use llama.cpp's llama graph.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
@@ -290,7 +290,7 @@ def _check_activations(inputs: ExportInputs, kind: str) -> None:
     preset = RUNTIME_ACTIVATIONS.get(kind)
     runtime = PRESETS[preset]["activation"] if preset else None
     for module, spec in inputs.activations.items():
-        if runtime is not None and _forward_fields(spec) == _forward_fields(runtime):
+        if runtime is not None and spec.forward_fields() == runtime.forward_fields():
             continue
         computes = (
             f"rounds its inputs as `activation: {preset}` does" if preset else "does not round its inputs"
@@ -302,19 +302,6 @@ def _check_activations(inputs: ExportInputs, kind: str) -> None:
             "weights alone, knowing the activations change: repeat the run's quant rules without `activation` on the "
             "export command, with checkpoint.allow_config_change=true"
         )
-
-
-def _forward_fields(spec: QuantSpec) -> tuple:
-    """What an activation spec computes (not how it trains: the STE)."""
-    return (
-        spec.dtype,
-        spec.granularity,
-        spec.group_size,
-        spec.symmetric,
-        spec.scale_dtype,
-        spec.convention,
-        spec.full_range,
-    )
 
 
 def _check_bitnet(inputs: ExportInputs) -> None:
